@@ -1,0 +1,90 @@
+"""Default config: the embedded synthetic landscape data set, a small SPADE model.
+
+Trains with no download and no VGG weights; learns visibly in minutes on a
+2-core CPU. Option names follow the reference SPADE implementation.
+"""
+import ml_collections
+
+
+def get_config():
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+
+  # ---- Data -----------------------------------------------------------------
+  # One of: synthetic, coco_stuff, ade20k, cityscapes, facades, custom.
+  config.dataset = 'synthetic'
+  # Folder holding the TFRecords built by `python -m data_pipelines.build`.
+  # Empty: `<workdir>/data` (the synthetic set is generated there on first use).
+  config.data_dir = ''
+  config.train_split = 'train'
+  config.eval_split = 'val'
+  config.preprocess_mode = 'resize_and_crop'
+  config.load_size = 72
+  config.crop_size = 64
+  config.aspect_ratio = 1.0
+  config.no_flip = False
+  config.shuffle_buffer_size = 1000
+  config.prefetch = 2
+  # Skip (count and log) corrupt records instead of stopping with an error.
+  config.skip_bad_records = False
+  # Synthetic data set only: how many scenes to generate per split.
+  config.synthetic_num_train = 2000
+  config.synthetic_num_val = 64
+  config.synthetic_size = 96
+
+  # ---- Model (reference option names) ----------------------------------------
+  config.netG = 'spade'  # spade | pix2pixhd
+  config.label_nc = 8
+  config.contain_dontcare_label = False
+  config.no_instance = False
+  config.ngf = 16
+  config.ndf = 16
+  config.norm_G = 'spectralspadesyncbatch3x3'
+  config.norm_D = 'spectralinstance'
+  config.norm_E = 'spectralinstance'
+  config.num_upsampling_layers = 'normal'  # normal | more | most
+  config.use_vae = False
+  config.z_dim = 256
+  config.n_layers_D = 3
+  config.num_D = 2
+  # pix2pixHD generator options (netG = 'pix2pixhd').
+  config.resnet_n_downsample = 4
+  config.resnet_n_blocks = 9
+  config.resnet_kernel_size = 3
+  config.resnet_initial_kernel_size = 7
+  # Compute dtype of activations and convolutions: float32 or bfloat16.
+  # Parameters and BatchNorm statistics always stay float32.
+  config.compute_dtype = 'float32'
+
+  # ---- Losses ----------------------------------------------------------------
+  config.gan_mode = 'hinge'  # hinge | ls | original
+  config.lambda_feat = 10.0
+  config.lambda_vgg = 0.0  # The paper uses 10 (needs config.vgg_weights).
+  config.lambda_kld = 0.05
+  config.no_ganFeat_loss = False
+  # torchvision `vgg19` state-dict (.pth) or .npz with the same keys.
+  config.vgg_weights = ''
+
+  # ---- Optimisation ----------------------------------------------------------
+  config.lr = 2e-4
+  config.no_TTUR = False
+  config.beta1 = 0.0  # Used when no_TTUR; TTUR forces beta1=0, beta2=0.9.
+  config.beta2 = 0.9
+  # Linear decay schedule given in epochs, as in the reference.
+  config.niter = 50
+  config.niter_decay = 0
+  # Exponential moving average of the generator weights (0 = off).
+  config.ema_decay = 0.0
+
+  # ---- Loop ------------------------------------------------------------------
+  config.seed = 0
+  config.batch_size = 8
+  config.num_train_steps = 1500
+  config.log_every_steps = 50
+  config.image_every_steps = 250
+  config.checkpoint_every_steps = 250
+  config.keep_checkpoints = 3
+  # A converted reference checkpoint to start from (spade_jax.convert output).
+  config.init_from = ''
+
+  return config

@@ -1,0 +1,102 @@
+"""The on-disk TFRecord format shared by the builders and the input pipeline.
+
+A built data set is one folder:
+
+  dataset_info.json                      metadata (see `DatasetInfo`)
+  {split}.tfrecord-{i:05d}-of-{n:05d}    sharded `tf.train.Example` records
+
+Each record holds:
+  image      bytes   the image file's encoded bytes (JPEG or PNG), as released
+  label      bytes   PNG of the raw label map (8- or 16-bit), values as released
+                     (no data-set mapping applied: the reader maps 255 and shifts)
+  instance   bytes   PNG of the instance map (8- or 16-bit), b'' when none
+  file_name  bytes   the example's base name (no extension), e.g. b'000000017914'
+  height     int64   image height
+  width      int64   image width
+"""
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+INFO_FILE = 'dataset_info.json'
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  """What a reader needs to know about a built data set."""
+  dataset: str  # coco_stuff | ade20k | cityscapes | facades | custom | synthetic
+  label_nc: int
+  contain_dontcare_label: bool
+  has_instance: bool
+  # split name -> {'num_examples': int, 'num_shards': int}
+  splits: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+  class_names: Optional[List[str]] = None
+  # One [r, g, b] per class id (0..label_nc-1, plus the don't-care class).
+  colors: Optional[List[List[int]]] = None
+
+  def save(self, data_dir: str) -> None:
+    tmp = os.path.join(data_dir, INFO_FILE + '.tmp')
+    with tf.io.gfile.GFile(tmp, 'w') as f:
+      json.dump(dataclasses.asdict(self), f, indent=1)
+    tf.io.gfile.rename(tmp, os.path.join(data_dir, INFO_FILE), overwrite=True)
+
+  @classmethod
+  def load(cls, data_dir: str) -> 'DatasetInfo':
+    path = os.path.join(data_dir, INFO_FILE)
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(
+          f'{path} not found: {data_dir} does not hold a built data set. '
+          'Build one with `python -m data_pipelines.build --dataset NAME '
+          '--manual_dir SRC --data_dir OUT`.')
+    with tf.io.gfile.GFile(path) as f:
+      return cls(**json.load(f))
+
+
+def shard_path(data_dir: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(data_dir,
+                      f'{split}.tfrecord-{index:05d}-of-{num_shards:05d}')
+
+
+def shard_paths(data_dir: str, split: str, num_shards: int) -> List[str]:
+  return [shard_path(data_dir, split, i, num_shards) for i in range(num_shards)]
+
+
+def _bytes(v: bytes) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+
+def _int(v: int) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+
+
+def encode_example(image: bytes, label: bytes, instance: bytes, file_name: str,
+                   height: int, width: int) -> bytes:
+  """Serializes one example (already-encoded image, label and instance files)."""
+  features = {
+      'image': _bytes(image),
+      'label': _bytes(label),
+      'instance': _bytes(instance or b''),
+      'file_name': _bytes(file_name.encode('utf-8')),
+      'height': _int(height),
+      'width': _int(width),
+  }
+  return tf.train.Example(
+      features=tf.train.Features(feature=features)).SerializeToString()
+
+
+FEATURE_SPEC = {
+    'image': tf.io.FixedLenFeature([], tf.string),
+    'label': tf.io.FixedLenFeature([], tf.string),
+    'instance': tf.io.FixedLenFeature([], tf.string, default_value=b''),
+    'file_name': tf.io.FixedLenFeature([], tf.string),
+    'height': tf.io.FixedLenFeature([], tf.int64),
+    'width': tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def parse_example(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """Parses one serialized record into its (still encoded) fields."""
+  return tf.io.parse_single_example(serialized, FEATURE_SPEC)
