@@ -1,0 +1,406 @@
+r"""Converts reference PyTorch SPADE checkpoints into spade_jax model folders.
+
+  python -m spade_jax.convert --reference_dir DIR --opt OPT.json --output OUT
+
+DIR holds the reference's `latest_net_G.pth` (or `net_G.pth`, or
+`{epoch}_net_G.pth` with --which_epoch) and, when present, the D and E files.
+OPT.json holds the reference's options (as in its `opt.txt`). The output is a
+model folder (see `model_io.py`) that `Synthesizer.load` and training's
+`config.init_from` read.
+"""
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from configs import default as default_config
+from spade_jax import model_io
+from spade_jax import models
+
+# Reference options that map onto our config, by the same name.
+MODEL_OPTIONS = (
+    'label_nc', 'contain_dontcare_label', 'no_instance', 'ngf', 'ndf',
+    'norm_G', 'norm_D', 'norm_E', 'num_upsampling_layers', 'crop_size',
+    'aspect_ratio', 'use_vae', 'z_dim', 'n_layers_D', 'num_D', 'netG',
+    'resnet_n_downsample', 'resnet_n_blocks', 'resnet_kernel_size',
+    'resnet_initial_kernel_size', 'preprocess_mode', 'load_size', 'no_flip',
+    'gan_mode', 'lambda_feat', 'lambda_vgg', 'lambda_kld', 'no_ganFeat_loss',
+    'lr', 'no_TTUR', 'beta1', 'beta2', 'niter', 'niter_decay')
+# Reference options that are checked but have no config key of their own.
+CHECKED_OPTIONS = ('semantic_nc', 'output_nc', 'netD', 'netD_subarch', 'netE',
+                   'init_type', 'init_variance', 'no_vgg_loss', 'batchSize',
+                   'dataset_mode', 'nef')
+# Reference options about its own runs (paths, logging, devices): ignored.
+IGNORED_OPTIONS = (
+    'name', 'gpu_ids', 'checkpoints_dir', 'model', 'phase', 'dataroot',
+    'serial_batches', 'nThreads', 'max_dataset_size', 'load_from_opt_file',
+    'cache_filelist_write', 'cache_filelist_read', 'display_winsize', 'isTrain',
+    'display_freq', 'print_freq', 'save_latest_freq', 'save_epoch_freq',
+    'no_html', 'debug', 'tf_log', 'continue_train', 'which_epoch', 'optimizer',
+    'D_steps_per_G', 'results_dir', 'how_many', 'coco_no_portraits',
+    'label_dir', 'image_dir', 'instance_dir', 'no_pairing_check',
+    'cityscapes_dir', 'ade20k_dir', 'nef', 'use_gpu', 'verbose', 'niter_fix')
+
+_DATASET_BY_MODE = {'coco': 'coco_stuff', 'ade20k': 'ade20k',
+                    'cityscapes': 'cityscapes', 'facades': 'facades',
+                    'custom': 'custom'}
+
+
+class ConversionError(ValueError):
+  """A reference checkpoint or option file that cannot be converted."""
+
+
+# ---------------------------------------------------------------------------
+# Options.
+# ---------------------------------------------------------------------------
+def config_from_options(opt: Dict) -> ml_collections.ConfigDict:
+  """Our config from the reference's options; errors name the bad option."""
+  known = set(MODEL_OPTIONS) | set(CHECKED_OPTIONS) | set(IGNORED_OPTIONS)
+  unknown = sorted(set(opt) - known)
+  if unknown:
+    raise ConversionError(
+        f'Unknown reference option(s) {unknown}: spade_jax cannot tell how '
+        'they change the network. Remove them from the option file if they '
+        'do not affect the architecture.')
+  config = default_config.get_config()
+  for key in MODEL_OPTIONS:
+    if key in opt:
+      expected = type(config[key])
+      value = opt[key]
+      if expected is float and isinstance(value, int):
+        value = float(value)
+      if not isinstance(value, expected) or (
+          expected is int and isinstance(value, bool)):
+        raise ConversionError(
+            f'Option {key}={value!r}: expected a {expected.__name__}.')
+      config[key] = value
+  if 'netG' not in opt:
+    config.netG = 'spade'
+  if 'norm_G' not in opt:
+    config.norm_G = ('spectralspadesyncbatch3x3' if config.netG == 'spade'
+                     else 'instance')
+  if 'n_layers_D' not in opt:
+    config.n_layers_D = 4
+  if 'lambda_vgg' not in opt:
+    config.lambda_vgg = 10.0
+  if opt.get('no_vgg_loss'):
+    config.lambda_vgg = 0.0
+  config.dataset = _DATASET_BY_MODE.get(opt.get('dataset_mode'), 'custom')
+  config.batch_size = opt.get('batchSize', config.batch_size)
+  _check_consistency(opt, config)
+  return config
+
+
+def _check_consistency(opt: Dict, config) -> None:
+  """Errors for options our port cannot honour or that contradict others."""
+  def bad(key, why):
+    raise ConversionError(f'Option {key}={opt.get(key)!r}: {why}')
+
+  if config.netG not in ('spade', 'pix2pixhd'):
+    bad('netG', "expected 'spade' or 'pix2pixhd'.")
+  try:
+    if config.netG == 'spade':
+      models.layers.parse_spade_norm(config.norm_G)
+    else:
+      models.layers.parse_plain_norm(config.norm_G)
+  except ValueError as e:
+    bad('norm_G', str(e))
+  for key in ('norm_D', 'norm_E'):
+    try:
+      models.layers.parse_plain_norm(config[key])
+    except ValueError as e:
+      bad(key, str(e))
+  if opt.get('output_nc', 3) != 3:
+    bad('output_nc', 'only RGB output (3) is supported.')
+  if opt.get('netD', 'multiscale') != 'multiscale':
+    bad('netD', "only the 'multiscale' discriminator exists.")
+  if opt.get('netD_subarch', 'n_layer') != 'n_layer':
+    bad('netD_subarch', "only 'n_layer' exists.")
+  if opt.get('netE', 'conv') != 'conv':
+    bad('netE', "only the 'conv' encoder exists.")
+  if 'semantic_nc' in opt and opt['semantic_nc'] != models.semantic_nc(config):
+    bad('semantic_nc',
+        f'label_nc={config.label_nc}, contain_dontcare_label='
+        f'{config.contain_dontcare_label} and no_instance={config.no_instance}'
+        f' give {models.semantic_nc(config)} channels.')
+  if config.netG == 'spade':
+    try:
+      sh, sw = models.latent_size(config.num_upsampling_layers,
+                                  config.crop_size, config.aspect_ratio)
+    except ValueError as e:
+      bad('num_upsampling_layers', str(e))
+    if sw < 1 or sh < 1:
+      bad('crop_size', f'too small for num_upsampling_layers='
+          f'{config.num_upsampling_layers!r}.')
+  if config.use_vae and config.netG != 'spade':
+    bad('use_vae', 'the VAE needs the SPADE generator.')
+
+
+# ---------------------------------------------------------------------------
+# State dicts.
+# ---------------------------------------------------------------------------
+def _conv_kernel(w: np.ndarray, transpose: bool) -> np.ndarray:
+  if transpose:  # ConvTranspose2d (in, out, kh, kw) -> flipped HWIO.
+    return w.transpose(2, 3, 0, 1)[::-1, ::-1]
+  return w.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> HWIO
+
+
+def _sn_v(v: np.ndarray, w_orig: np.ndarray, transpose: bool) -> np.ndarray:
+  """Reorders PyTorch's v (in, kh, kw) to our kernel's rows (kh, kw, in)."""
+  if transpose:
+    cin, _, kh, kw = w_orig.shape
+    return v.reshape(cin, kh, kw)[:, ::-1, ::-1].transpose(1, 2, 0).reshape(-1)
+  _, cin, kh, kw = w_orig.shape
+  return v.reshape(cin, kh, kw).transpose(1, 2, 0).reshape(-1)
+
+
+def _module_path(prefix: str, kind: str) -> Tuple[str, ...]:
+  """Maps a reference module path (dotted) to our Flax module path."""
+  parts = prefix.split('.')
+  if kind == 'G_pix2pixhd':
+    # model.{i}[.0] or model.{i}.conv_block.{j}[.0]
+    i = parts[1]
+    if len(parts) > 2 and parts[2] == 'conv_block':
+      name, rest = f'model_{i}_{parts[3]}', parts[4:]
+    else:
+      name, rest = f'model_{i}', parts[2:]
+    return (name,) + _norm_conv_tail(rest)
+  out = []
+  it = iter(range(len(parts)))
+  for j in it:
+    p = parts[j]
+    if p == 'param_free_norm':
+      out += ['param_free_norm', 'bn']
+    elif p == 'mlp_shared':
+      out.append(p)
+      next(it, None)  # mlp_shared.0 is the conv inside its Sequential.
+    elif re.fullmatch(r'model\d+|layer\d+', p):
+      out.append(p)
+      tail = parts[j + 1:]
+      if p.startswith('model') and tail[:1] == ['0']:
+        tail = tail[1:]  # model{n}.0 is the layer inside its Sequential.
+      return tuple(out) + _norm_conv_tail(tail)
+    else:
+      out.append(p)
+  return tuple(out)
+
+
+def _norm_conv_tail(rest):
+  """`.0` -> the conv, `.1` -> the norm of a NormConv; nothing -> the conv."""
+  if not rest:
+    return ('conv',)
+  return ({'0': 'conv', '1': 'norm'}[rest[0]],)
+
+
+def state_dict_to_variables(state: Dict[str, np.ndarray], kind: str,
+                            transposed=frozenset()) -> Dict:
+  """Maps a reference state dict to {'params': ..., 'batch_stats': ...}.
+
+  `kind` is 'G_spade', 'G_pix2pixhd', 'D' or 'E'. `transposed` names the
+  module paths (tuples) that are ConvTranspose2d layers.
+  """
+  variables = {'params': {}, 'batch_stats': {}}
+
+  def put(collection, path, leaf, value):
+    node = variables[collection]
+    for p in path:
+      node = node.setdefault(p, {})
+    if leaf in node:
+      raise ConversionError(f'Two reference keys map onto {path}/{leaf}.')
+    node[leaf] = np.asarray(value, np.float32)
+
+  for key in sorted(state):
+    if key.endswith('num_batches_tracked'):
+      continue
+    prefix, leaf = key.rsplit('.', 1)
+    path = _module_path(prefix, kind)
+    value = state[key]
+    is_t = path in transposed
+    if leaf in ('weight', 'weight_orig') and value.ndim == 4:
+      put('params', path, 'kernel', _conv_kernel(value, is_t))
+    elif leaf == 'weight' and value.ndim == 2:
+      put('params', path, 'kernel', value.T)
+    elif leaf == 'weight' and value.ndim == 1:  # affine BatchNorm
+      put('params', path, 'scale', value)
+    elif leaf == 'bias':
+      put('params', path, 'bias', value)
+    elif leaf == 'weight_u':
+      put('batch_stats', path, 'sn_u', value)
+    elif leaf == 'weight_v':
+      put('batch_stats', path, 'sn_v',
+          _sn_v(value, state[prefix + '.weight_orig'], is_t))
+    elif leaf == 'running_mean':
+      put('batch_stats', path, 'mean', value)
+    elif leaf == 'running_var':
+      put('batch_stats', path, 'var', value)
+    else:
+      raise ConversionError(f'Unexpected reference key {key!r}.')
+  return variables
+
+
+def _fix_bare_layers(variables, template):
+  """Moves `.../conv` leaves up where the template has a bare Conv there."""
+  for collection, tree in variables.items():
+    tmpl = template.get(collection, {})
+    _fix_node(tree, tmpl)
+  return variables
+
+
+def _fix_node(node, tmpl):
+  for name in list(node):
+    sub = node[name]
+    if not isinstance(sub, dict):
+      continue
+    t = tmpl.get(name, {}) if isinstance(tmpl, dict) else {}
+    if (set(sub) == {'conv'} and isinstance(t, dict) and 'conv' not in t
+        and t):
+      node[name] = sub = sub['conv']
+    _fix_node(sub, t)
+
+
+def check_against_template(variables, template, what: str) -> None:
+  """Same keys and shapes as the Flax model's own variables, or an error."""
+  flat = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+  want = dict(jax.tree_util.tree_flatten_with_path(template)[0])
+  fmt = lambda p: '/'.join(str(getattr(k, 'key', k)) for k in p)
+  missing = sorted(fmt(p) for p in want if p not in flat)
+  extra = sorted(fmt(p) for p in flat if p not in want)
+  if missing or extra:
+    raise ConversionError(
+        f'{what}: the checkpoint does not fit the network its options '
+        f'describe. Missing: {missing[:10]}{"..." if len(missing) > 10 else ""}'
+        f'; unexpected: {extra[:10]}{"..." if len(extra) > 10 else ""}. Check '
+        'the option file (ngf, label_nc, norm_G, num_upsampling_layers, ...).')
+  for p, w in want.items():
+    if tuple(flat[p].shape) != tuple(w.shape):
+      raise ConversionError(
+          f'{what}: {fmt(p)} has shape {tuple(flat[p].shape)} in the '
+          f'checkpoint, the network expects {tuple(w.shape)}.')
+
+
+def load_torch_state(path: str) -> Dict[str, np.ndarray]:
+  """Reads a reference `.pth` state dict with torch.load(weights_only=True)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        'Reading reference .pth checkpoints needs PyTorch: '
+        "pip install 'spade_jax[torch]'") from e
+  state = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(state, dict):
+    raise ConversionError(f'{path} does not hold a state dict.')
+  return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def init_templates(config, crop_hw=None):
+  """Shape-only variables of G, D (and E) for a config."""
+  h, w = crop_hw or models.output_size(config)
+  rng = jax.random.PRNGKey(0)
+  label = np.zeros((1, h, w), np.int32)
+  edges = np.zeros((1, h, w), np.float32)
+  out = {}
+  out['generator'] = jax.eval_shape(
+      lambda: models.make_generator(config).init(
+          {'params': rng, 'z': rng}, label, edges))
+  d_in = np.zeros((1, h, w, models.semantic_nc(config) + 3), np.float32)
+  out['discriminator'] = jax.eval_shape(
+      lambda: models.make_discriminator(config).init(rng, d_in))
+  if config.use_vae:
+    out['encoder'] = jax.eval_shape(
+        lambda: models.make_encoder(config).init(
+            rng, np.zeros((1, h, w, 3), np.float32)))
+  return {k: dict(v) for k, v in out.items()}
+
+
+def _generator_transposed(config):
+  if config.netG != 'pix2pixhd':
+    return frozenset()
+  first = 3 + 2 * config.resnet_n_downsample + config.resnet_n_blocks
+  return frozenset((f'model_{first + 2 * i}', 'conv')
+                   for i in range(config.resnet_n_downsample))
+
+
+def convert_state_dicts(config, states: Dict[str, Dict[str, np.ndarray]]):
+  """{'G': state, 'D': state?, 'E': state?} -> our variables, checked."""
+  templates = init_templates(config)
+  result = {}
+  names = {'G': 'generator', 'D': 'discriminator', 'E': 'encoder'}
+  for short, state in states.items():
+    name = names[short]
+    if name not in templates:
+      raise ConversionError(
+          f'A net_{short} checkpoint was given but the options do not use '
+          'it (use_vae is False).')
+    kind = {'G': f'G_{config.netG}', 'D': 'D', 'E': 'E'}[short]
+    transposed = _generator_transposed(config) if short == 'G' else ()
+    variables = state_dict_to_variables(state, kind, transposed)
+    variables = _fix_bare_layers(variables, templates[name])
+    variables = {k: v for k, v in variables.items() if v or k in
+                 templates[name]}
+    template = {k: templates[name].get(k, {}) for k in ('params',
+                                                        'batch_stats')}
+    variables = {k: variables.get(k, {}) for k in ('params', 'batch_stats')}
+    check_against_template(variables, template, f'net_{short}')
+    result[name] = variables
+  return result
+
+
+def find_checkpoint(reference_dir: str, net: str,
+                    which_epoch: str = 'latest') -> Optional[str]:
+  for name in (f'{which_epoch}_net_{net}.pth', f'net_{net}.pth'):
+    path = os.path.join(reference_dir, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def convert(reference_dir: str, opt_path: str, output: str,
+            which_epoch: str = 'latest') -> ml_collections.ConfigDict:
+  """Converts a reference run folder; returns the config written."""
+  try:
+    with open(opt_path) as f:
+      opt = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConversionError(f'Cannot read the option file {opt_path}: {e}')
+  config = config_from_options(opt)
+  g_path = find_checkpoint(reference_dir, 'G', which_epoch)
+  if g_path is None:
+    raise ConversionError(
+        f'No generator checkpoint in {reference_dir}: expected '
+        f'{which_epoch}_net_G.pth or net_G.pth.')
+  states = {'G': load_torch_state(g_path)}
+  for net in ('D', 'E'):
+    path = find_checkpoint(reference_dir, net, which_epoch)
+    if path is not None and (net == 'D' or config.use_vae):
+      states[net] = load_torch_state(path)
+  logging.info('Converting %s', ', '.join(f'net_{k}' for k in states))
+  variables = convert_state_dicts(config, states)
+  model_io.save_model(output, config, variables)
+  return config
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('reference_dir', None, 'Folder with the reference *.pth.')
+flags.DEFINE_string('opt', None, "JSON file of the reference's options.")
+flags.DEFINE_string('output', None, 'Model folder to write.')
+flags.DEFINE_string('which_epoch', 'latest', 'Checkpoint prefix to read.')
+
+
+def main(argv):
+  del argv
+  config = convert(FLAGS.reference_dir, FLAGS.opt, FLAGS.output,
+                   FLAGS.which_epoch)
+  print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='
+        f'{config.label_nc}, crop_size={config.crop_size}).')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['reference_dir', 'opt', 'output'])
+  app.run(main)

@@ -1,0 +1,363 @@
+"""Building blocks shared by the SPADE networks (Flax Linen, NHWC).
+
+Everything here follows the reference PyTorch SPADE semantics exactly (see
+SPEC.md): PyTorch's legacy `nearest` resizing, BatchNorm with momentum 0.1 and
+an unbiased running variance, and spectral normalisation that runs one power
+iteration per training forward and none in eval mode.
+"""
+import functools
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+LRELU_SLOPE = 0.2
+NORM_EPS = 1e-5
+BN_MOMENTUM = 0.1
+SN_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Initialisers (reference `init_type xavier`, `init_variance 0.02`).
+# ---------------------------------------------------------------------------
+def xavier_normal(gain: float = 0.02):
+  """torch.nn.init.xavier_normal_(w, gain): std = gain * sqrt(2 / (in + out))."""
+  return nn.initializers.variance_scaling(gain**2, 'fan_avg', 'normal')
+
+
+# PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The reference's xavier init does not reach
+# spectral-normalised layers, which keep this one.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
+                                                      'uniform')
+
+
+# ---------------------------------------------------------------------------
+# Resizing.
+# ---------------------------------------------------------------------------
+def legacy_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of PyTorch's legacy `nearest`: floor(dst * in / out)."""
+  if in_size == out_size:
+    return np.arange(out_size)
+  if out_size == 2 * in_size:
+    return np.arange(out_size) >> 1
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def legacy_nearest_resize(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
+  """Resizes (N, H, W, ...) to `size` like F.interpolate(mode='nearest')."""
+  h, w = x.shape[1], x.shape[2]
+  if (h, w) == tuple(size):
+    return x
+  rows = legacy_nearest_indices(h, size[0])
+  cols = legacy_nearest_indices(w, size[1])
+  return x[:, rows][:, :, cols]
+
+
+def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
+  """Nearest 2x upsampling of an NHWC tensor (nn.Upsample(scale_factor=2))."""
+  n, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
+  return x.reshape(n, 2 * h, 2 * w, c)
+
+
+def avg_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  """avg_pool2d(3, stride 2, padding 1, count_include_pad=False), NHWC."""
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  window, strides = (1, 3, 3, 1), (1, 2, 2, 1)
+  summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
+  return summed / count
+
+
+# ---------------------------------------------------------------------------
+# Semantic input.
+# ---------------------------------------------------------------------------
+def instance_edges(instance: jnp.ndarray) -> jnp.ndarray:
+  """4-neighbourhood instance boundaries of (N, H, W) maps, as float32 0/1.
+
+  A pixel is an edge if its id differs from its right, left, lower or upper
+  neighbour (both sides of each boundary are marked), as in the reference.
+  """
+  dx = instance[:, :, 1:] != instance[:, :, :-1]
+  dy = instance[:, 1:, :] != instance[:, :-1, :]
+  no_pad = (0, 0)
+  edge = (jnp.pad(dx, (no_pad, no_pad, (1, 0))) |
+          jnp.pad(dx, (no_pad, no_pad, (0, 1))) |
+          jnp.pad(dy, (no_pad, (1, 0), no_pad)) |
+          jnp.pad(dy, (no_pad, (0, 1), no_pad)))
+  return edge.astype(jnp.float32)
+
+
+def one_hot_semantics(label: jnp.ndarray, edges: Optional[jnp.ndarray],
+                      num_classes: int, dtype: Dtype = jnp.float32):
+  """(N,H,W) class ids (+ optional (N,H,W) edges) -> (N,H,W,C) semantics."""
+  sem = jax.nn.one_hot(label, num_classes, dtype=dtype)
+  if edges is not None:
+    sem = jnp.concatenate([sem, edges[..., None].astype(dtype)], axis=-1)
+  return sem
+
+
+# ---------------------------------------------------------------------------
+# Convolution with the reference's spectral normalisation.
+# ---------------------------------------------------------------------------
+def _l2_normalize(v: jnp.ndarray) -> jnp.ndarray:
+  """F.normalize(v, dim=0, eps=1e-12)."""
+  return v / jnp.maximum(jnp.linalg.norm(v), SN_EPS)
+
+
+def spectral_normalize(kernel: jnp.ndarray, u: jnp.ndarray, v: jnp.ndarray,
+                       power_iteration: bool):
+  """Returns (kernel / sigma, u, v) as torch.nn.utils.spectral_norm does.
+
+  The kernel's matrix view is (rows, out) = kernel.reshape(-1, out), the
+  transpose of PyTorch's (out, rows) view up to the order of the rows.
+  """
+  w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+  if power_iteration:
+    w_ng = jax.lax.stop_gradient(w)
+    v = _l2_normalize(w_ng @ u)
+    u = _l2_normalize(w_ng.T @ v)
+  sigma = jnp.dot(u, w.T @ v)
+  return kernel / sigma, u, v
+
+
+class Conv(nn.Module):
+  """2-D convolution (or transposed convolution), optionally spectral-normed.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size.
+    strides: stride.
+    padding: zero padding on every side (ignored when `transpose`).
+    use_bias: whether to add a bias.
+    spectral: spectral normalisation with the reference's semantics; the u and
+      v vectors live in the `batch_stats` collection.
+    init: 'xavier' (reference init_weights) or 'torch' (PyTorch default, which
+      spectral layers keep in the reference).
+    transpose: ConvTranspose2d(kernel, stride 2, padding 1, output_padding 1).
+    dtype: compute dtype.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: int = 1
+  use_bias: bool = True
+  spectral: bool = False
+  init: str = 'xavier'
+  transpose: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    k, in_ch = self.kernel_size, x.shape[-1]
+    init = xavier_normal() if self.init == 'xavier' else torch_default_init
+    kernel = self.param('kernel', init, (k, k, in_ch, self.features),
+                        jnp.float32)
+    if self.spectral:
+      rows = k * k * in_ch
+      u_var = self.variable(
+          'batch_stats', 'sn_u',
+          lambda: _l2_normalize(jax.random.normal(self.make_rng('params'),
+                                                  (self.features,))))
+      v_var = self.variable(
+          'batch_stats', 'sn_v',
+          lambda: _l2_normalize(jax.random.normal(self.make_rng('params'),
+                                                  (rows,))))
+      kernel, u, v = spectral_normalize(kernel, u_var.value, v_var.value,
+                                        power_iteration=train)
+      if train and not self.is_initializing():
+        u_var.value, v_var.value = u, v
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if self.transpose:
+      # Transposed conv = input-dilated conv; the kernel here is stored in the
+      # forward-conv orientation (already flipped), so no flip is needed.
+      lo = k - 1 - self.padding
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (1, 1), [(lo, lo + 1)] * 2,
+          lhs_dilation=(self.strides, self.strides),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    else:
+      y = conv2d(x, kernel, self.strides, self.padding)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
+           padding: int = 0) -> jnp.ndarray:
+  """NHWC x HWIO convolution with symmetric zero padding."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), [(padding, padding)] * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# ---------------------------------------------------------------------------
+# Normalisation.
+# ---------------------------------------------------------------------------
+def instance_norm(x: jnp.ndarray) -> jnp.ndarray:
+  """InstanceNorm2d(affine=False): per sample and channel over H, W."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(axis=(1, 2), keepdims=True)
+  var = jnp.square(x32 - mean).mean(axis=(1, 2), keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm2d with PyTorch's running statistics, optionally affine.
+
+  Statistics are over the whole (global) batch: under `jax.jit` with the batch
+  sharded over a mesh, XLA reduces across devices, so this is SyncBatchNorm.
+  Running mean/var (`batch_stats`) use momentum 0.1 and the unbiased variance;
+  normalisation uses the biased batch variance, as in PyTorch.
+  """
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      mean = x32.mean(axis=(0, 1, 2))
+      var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))
+      if not self.is_initializing():
+        n = x.size // c
+        ra_mean.value = (1 - BN_MOMENTUM) * ra_mean.value + BN_MOMENTUM * mean
+        ra_var.value = ((1 - BN_MOMENTUM) * ra_var.value +
+                        BN_MOMENTUM * var * (n / max(n - 1, 1)))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)
+    if self.affine:
+      y = y * self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+      y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    return y.astype(x.dtype)
+
+
+def parse_spade_norm(norm_G: str) -> Tuple[str, int]:
+  """'spectralspadesyncbatch3x3' -> ('syncbatch', 3)."""
+  text = norm_G.replace('spectral', '')
+  match = re.fullmatch(r'spade(\D+)(\d)x\d', text)
+  if not match or match.group(1) not in ('syncbatch', 'batch', 'instance'):
+    raise ValueError(
+        f'norm_G={norm_G!r} is not a SPADE norm: expected '
+        "'[spectral]spade{syncbatch|batch|instance}{k}x{k}', e.g. "
+        "'spectralspadesyncbatch3x3'.")
+  return match.group(1), int(match.group(2))
+
+
+def parse_plain_norm(norm: str) -> Tuple[bool, str]:
+  """'spectralinstance' -> (True, 'instance'); sub-norm may be 'none' or ''."""
+  spectral = norm.startswith('spectral')
+  sub = norm[len('spectral'):] if spectral else norm
+  sub = {'sync_batch': 'syncbatch', '': 'none'}.get(sub, sub)
+  if sub not in ('instance', 'batch', 'syncbatch', 'none'):
+    raise ValueError(
+        f'norm {norm!r} is not recognised: expected [spectral]'
+        '{instance|batch|sync_batch|none}, e.g. spectralinstance.')
+  return spectral, sub
+
+
+class ParamFreeNorm(nn.Module):
+  """The SPADE layer's normalisation without affine parameters."""
+  kind: str  # syncbatch | batch | instance
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.kind == 'instance':
+      return instance_norm(x)
+    return BatchNorm(affine=False, name='bn')(x, train)
+
+
+class NormConv(nn.Module):
+  """A conv followed by the reference's non-SPADE norm (`norm_D`, `norm_E`).
+
+  As in the reference, the conv loses its bias when a norm follows it.
+  """
+  features: int
+  kernel_size: int
+  strides: int
+  padding: int
+  norm: str
+  dtype: Dtype = jnp.float32
+  transpose: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    spectral, sub = parse_plain_norm(self.norm)
+    x = Conv(self.features, self.kernel_size, self.strides, self.padding,
+             use_bias=(sub == 'none'), spectral=spectral,
+             init='torch' if spectral else 'xavier', transpose=self.transpose,
+             dtype=self.dtype, name='conv')(x, train)
+    if sub == 'instance':
+      x = instance_norm(x)
+    elif sub in ('batch', 'syncbatch'):
+      x = BatchNorm(affine=True, name='norm')(x, train)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# SPADE.
+# ---------------------------------------------------------------------------
+class SPADE(nn.Module):
+  """Spatially-adaptive normalisation: norm(x) * (1 + gamma(seg)) + beta(seg).
+
+  `seg` is the semantic map (N, h, w, C); it is resized to x's size with the
+  reference's legacy nearest rule (a no-op when the caller already did).
+  """
+  norm_type: str = 'syncbatch'
+  kernel_size: int = 3
+  hidden: int = 128
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, seg, train: bool = False):
+    normalized = ParamFreeNorm(self.norm_type, name='param_free_norm')(x, train)
+    seg = legacy_nearest_resize(seg, x.shape[1:3])
+    conv = functools.partial(Conv, kernel_size=self.kernel_size,
+                             padding=self.kernel_size // 2, dtype=self.dtype)
+    actv = nn.relu(conv(self.hidden, name='mlp_shared')(seg))
+    gamma = conv(x.shape[-1], name='mlp_gamma')(actv)
+    beta = conv(x.shape[-1], name='mlp_beta')(actv)
+    return normalized * (1 + gamma) + beta
+
+
+class SPADEResnetBlock(nn.Module):
+  """The reference's SPADE residual block (fin -> fout)."""
+  features: int
+  norm_G: str = 'spectralspadesyncbatch3x3'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, seg, train: bool = False):
+    fin, fout = x.shape[-1], self.features
+    fmiddle = min(fin, fout)
+    spectral = 'spectral' in self.norm_G
+    norm_type, ks = parse_spade_norm(self.norm_G)
+    spade = functools.partial(SPADE, norm_type, ks, dtype=self.dtype)
+    conv = functools.partial(Conv, spectral=spectral,
+                             init='torch' if spectral else 'xavier',
+                             dtype=self.dtype)
+    act = functools.partial(nn.leaky_relu, negative_slope=LRELU_SLOPE)
+    if fin != fout:
+      x_s = spade(name='norm_s')(x, seg, train)
+      x_s = conv(fout, 1, padding=0, use_bias=False, name='conv_s')(x_s, train)
+    else:
+      x_s = x
+    dx = act(spade(name='norm_0')(x, seg, train))
+    dx = conv(fmiddle, 3, padding=1, name='conv_0')(dx, train)
+    dx = act(spade(name='norm_1')(dx, seg, train))
+    dx = conv(fout, 3, padding=1, name='conv_1')(dx, train)
+    return x_s + dx

@@ -1,0 +1,297 @@
+"""The SPADE networks: generators, multiscale discriminator, VAE encoder.
+
+Flax Linen, NHWC. Submodule names follow the reference's state-dict keys
+(`head_0.norm_0.mlp_shared`, `discriminator_0.model1`, `layer1`, ...) so a
+reference checkpoint maps onto them one to one (see `convert.py`).
+
+Generators take integer class ids (N, H, W) and, unless `no_instance`, instance
+edges (N, H, W); the one-hot semantic map is built on the device.
+"""
+import functools
+from typing import Any, List, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from spade_jax import layers
+
+Dtype = Any
+_NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
+
+
+def semantic_nc(config) -> int:
+  """Channels of the semantic input: classes (+ don't-care) (+ edges)."""
+  return num_classes(config) + (0 if config.no_instance else 1)
+
+
+def num_classes(config) -> int:
+  """Classes the one-hot has: label_nc, plus one when there is a don't-care."""
+  return config.label_nc + (1 if config.contain_dontcare_label else 0)
+
+
+def latent_size(num_upsampling_layers: str, crop_size: int,
+                aspect_ratio: float):
+  """(sh, sw) of the generator's first feature map, as the reference."""
+  if num_upsampling_layers not in _NUM_UPSAMPLINGS:
+    raise ValueError(f'num_upsampling_layers={num_upsampling_layers!r}: '
+                     f'expected one of {sorted(_NUM_UPSAMPLINGS)}.')
+  sw = crop_size // 2**_NUM_UPSAMPLINGS[num_upsampling_layers]
+  sh = round(sw / aspect_ratio)
+  return sh, sw
+
+
+def output_size(config):
+  """(H, W) of the generated image for a config (the data's crop size)."""
+  if config.netG == 'pix2pixhd':
+    return round(config.crop_size / config.aspect_ratio), config.crop_size
+  sh, sw = latent_size(config.num_upsampling_layers, config.crop_size,
+                       config.aspect_ratio)
+  n = _NUM_UPSAMPLINGS[config.num_upsampling_layers]
+  return sh * 2**n, sw * 2**n
+
+
+def _lrelu(x):
+  return nn.leaky_relu(x, negative_slope=layers.LRELU_SLOPE)
+
+
+class SPADEGenerator(nn.Module):
+  """The reference SPADEGenerator (segmentation-map or VAE `z` input)."""
+  num_classes: int
+  use_instance: bool = True
+  ngf: int = 64
+  num_upsampling_layers: str = 'normal'
+  crop_size: int = 256
+  aspect_ratio: float = 1.0
+  use_vae: bool = False
+  z_dim: int = 256
+  norm_G: str = 'spectralspadesyncbatch3x3'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, label, edges=None, z=None, train: bool = False):
+    nf = self.ngf
+    sh, sw = latent_size(self.num_upsampling_layers, self.crop_size,
+                         self.aspect_ratio)
+    # Each resolution's semantic map is resized once, on integer ids, then
+    # one-hot encoded on the device.
+    seg_cache = {}
+
+    def seg_at(size):
+      if size not in seg_cache:
+        lab = layers.legacy_nearest_resize(label, size)
+        edg = (layers.legacy_nearest_resize(edges, size)
+               if self.use_instance else None)
+        seg_cache[size] = layers.one_hot_semantics(lab, edg, self.num_classes,
+                                                   self.dtype)
+      return seg_cache[size]
+
+    if self.use_instance and edges is None:
+      raise ValueError('This generator was built with instance maps '
+                       '(no_instance=False): pass instance edges.')
+    if self.use_vae:
+      if z is None:
+        z = jax.random.normal(self.make_rng('z'), (label.shape[0], self.z_dim))
+      x = nn.Dense(16 * nf * sh * sw, kernel_init=layers.xavier_normal(),
+                   dtype=self.dtype, name='fc')(z.astype(self.dtype))
+      # The reference views the vector channel-major: (N, 16nf, sh, sw).
+      x = x.reshape(-1, 16 * nf, sh, sw).transpose(0, 2, 3, 1)
+    else:
+      x = layers.Conv(16 * nf, 3, padding=1, dtype=self.dtype,
+                      name='fc')(seg_at((sh, sw)))
+
+    block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
+                              dtype=self.dtype)
+
+    def run(name, features, x):
+      return block(features, name=name)(x, seg_at(x.shape[1:3]), train)
+
+    x = run('head_0', 16 * nf, x)
+    x = layers.upsample2x(x)
+    x = run('G_middle_0', 16 * nf, x)
+    if self.num_upsampling_layers in ('more', 'most'):
+      x = layers.upsample2x(x)
+    x = run('G_middle_1', 16 * nf, x)
+    for i, features in enumerate((8 * nf, 4 * nf, 2 * nf, nf)):
+      x = layers.upsample2x(x)
+      x = run(f'up_{i}', features, x)
+    if self.num_upsampling_layers == 'most':
+      x = layers.upsample2x(x)
+      x = run('up_4', nf // 2, x)
+    x = layers.Conv(3, 3, padding=1, dtype=self.dtype,
+                    name='conv_img')(_lrelu(x))
+    return jnp.tanh(x.astype(jnp.float32))
+
+
+class Pix2PixHDGenerator(nn.Module):
+  """The pix2pixHD global generator the paper compares against.
+
+  Submodules are named `model_{i}` after the reference's Sequential index.
+  """
+  num_classes: int
+  use_instance: bool = True
+  ngf: int = 64
+  norm_G: str = 'instance'
+  n_downsample: int = 4
+  n_blocks: int = 9
+  kernel_size: int = 3
+  initial_kernel_size: int = 7
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, label, edges=None, z=None, train: bool = False):
+    del z  # Deterministic; kept for a common generator signature.
+    x = layers.one_hot_semantics(label, edges if self.use_instance else None,
+                                 self.num_classes, self.dtype)
+    norm_conv = functools.partial(layers.NormConv, norm=self.norm_G,
+                                  dtype=self.dtype)
+    reflect = lambda x, p: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
+                                   mode='reflect')
+    k0 = self.initial_kernel_size
+    x = nn.relu(norm_conv(self.ngf, k0, 1, 0, name='model_1')(
+        reflect(x, k0 // 2), train))
+    idx, mult = 3, 1
+    for _ in range(self.n_downsample):
+      x = nn.relu(norm_conv(self.ngf * mult * 2, 3, 2, 1, name=f'model_{idx}')(
+          x, train))
+      idx, mult = idx + 2, mult * 2
+    pw = (self.kernel_size - 1) // 2
+    for _ in range(self.n_blocks):
+      dim = self.ngf * mult
+      y = norm_conv(dim, self.kernel_size, 1, 0, name=f'model_{idx}_1')(
+          reflect(x, pw), train)
+      y = norm_conv(dim, self.kernel_size, 1, 0, name=f'model_{idx}_4')(
+          reflect(nn.relu(y), pw), train)
+      x, idx = x + y, idx + 1
+    for _ in range(self.n_downsample):
+      x = nn.relu(norm_conv(self.ngf * mult // 2, 3, 2, 1, transpose=True,
+                            name=f'model_{idx}')(x, train))
+      idx, mult = idx + 2, mult // 2
+    x = layers.Conv(3, 7, padding=0, dtype=self.dtype,
+                    name=f'model_{idx + 1}')(reflect(x, 3))
+    return jnp.tanh(x.astype(jnp.float32))
+
+
+class NLayerDiscriminator(nn.Module):
+  """PatchGAN; returns every intermediate output (the last is the score)."""
+  ndf: int = 64
+  n_layers_D: int = 4
+  norm_D: str = 'spectralinstance'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False) -> List[jnp.ndarray]:
+    feats = []
+    x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype, name='model0')(x)
+    feats.append(_lrelu(x))
+    nf = self.ndf
+    for n in range(1, self.n_layers_D):
+      nf = min(nf * 2, 512)
+      stride = 1 if n == self.n_layers_D - 1 else 2
+      x = layers.NormConv(nf, 4, stride, 2, self.norm_D, dtype=self.dtype,
+                          name=f'model{n}')(feats[-1], train)
+      feats.append(_lrelu(x))
+    x = layers.Conv(1, 4, 1, 2, dtype=self.dtype,
+                    name=f'model{self.n_layers_D}')(feats[-1])
+    feats.append(x)
+    return feats
+
+
+class MultiscaleDiscriminator(nn.Module):
+  """`num_D` PatchGANs on successively 2x average-pooled inputs."""
+  num_D: int = 2
+  ndf: int = 64
+  n_layers_D: int = 4
+  norm_D: str = 'spectralinstance'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False) -> List[List[jnp.ndarray]]:
+    outputs = []
+    x = x.astype(self.dtype)
+    for i in range(self.num_D):
+      outputs.append(NLayerDiscriminator(self.ndf, self.n_layers_D, self.norm_D,
+                                         self.dtype,
+                                         name=f'discriminator_{i}')(x, train))
+      if i + 1 < self.num_D:
+        x = layers.avg_pool_3x3_s2(x)
+    return outputs
+
+
+class ConvEncoder(nn.Module):
+  """The VAE style encoder: image -> (mu, logvar), each (N, z_dim).
+
+  Like the reference, the image is resized to 256x256 (bilinear) and a sixth
+  layer is used when crop_size >= 256. Unlike the reference, whose fc layers
+  only fit crop_size >= 256, the fc input size follows the features.
+  """
+  ngf: int = 64
+  norm_E: str = 'spectralinstance'
+  crop_size: int = 256
+  z_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image, train: bool = False):
+    x = image.astype(jnp.float32)
+    if x.shape[1:3] != (256, 256):
+      x = jax.image.resize(x, (x.shape[0], 256, 256, x.shape[3]), 'bilinear',
+                           antialias=False)
+    nf = self.ngf
+    widths = [nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf]
+    if self.crop_size >= 256:
+      widths.append(8 * nf)
+    x = x.astype(self.dtype)
+    for i, width in enumerate(widths):
+      if i:
+        x = _lrelu(x)
+      x = layers.NormConv(width, 3, 2, 1, self.norm_E, dtype=self.dtype,
+                          name=f'layer{i + 1}')(x, train)
+    x = _lrelu(x)
+    x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # channel-major
+    dense = functools.partial(nn.Dense, self.z_dim, dtype=self.dtype,
+                              kernel_init=layers.xavier_normal())
+    mu = dense(name='fc_mu')(x).astype(jnp.float32)
+    logvar = dense(name='fc_var')(x).astype(jnp.float32)
+    return mu, logvar
+
+
+def compute_dtype(config) -> Dtype:
+  name = config.get('compute_dtype', 'float32')
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f'compute_dtype={name!r}: use float32 or bfloat16.')
+  return jnp.dtype(name)
+
+
+def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
+  """The generator `config.netG` names, from reference option names."""
+  common = dict(num_classes=num_classes(config),
+                use_instance=not config.no_instance, ngf=config.ngf,
+                dtype=compute_dtype(config))
+  if config.netG == 'spade':
+    layers.parse_spade_norm(config.norm_G)
+    return SPADEGenerator(
+        num_upsampling_layers=config.num_upsampling_layers,
+        crop_size=config.crop_size, aspect_ratio=config.aspect_ratio,
+        use_vae=config.use_vae, z_dim=config.z_dim, norm_G=config.norm_G,
+        **common)
+  if config.netG == 'pix2pixhd':
+    layers.parse_plain_norm(config.norm_G)
+    return Pix2PixHDGenerator(
+        norm_G=config.norm_G, n_downsample=config.resnet_n_downsample,
+        n_blocks=config.resnet_n_blocks, kernel_size=config.resnet_kernel_size,
+        initial_kernel_size=config.resnet_initial_kernel_size, **common)
+  raise ValueError(f"netG={config.netG!r}: expected 'spade' or 'pix2pixhd'.")
+
+
+def make_discriminator(config) -> MultiscaleDiscriminator:
+  layers.parse_plain_norm(config.norm_D)
+  return MultiscaleDiscriminator(config.num_D, config.ndf, config.n_layers_D,
+                                 config.norm_D, compute_dtype(config))
+
+
+def make_encoder(config) -> ConvEncoder:
+  layers.parse_plain_norm(config.norm_E)
+  return ConvEncoder(config.ngf, config.norm_E, config.crop_size, config.z_dim,
+                     compute_dtype(config))
