@@ -1,0 +1,285 @@
+"""Where each data set's files live in its released layout, and how they pair.
+
+`find_examples(layout, manual_dir, split)` lists the (image, label, instance)
+files of one split, paired by base name. Layouts (relative to `manual_dir`):
+
+  coco_stuff  {split}_img/*.jpg  {split}_label/*.png  {split}_inst/*.png
+              splits train, val
+  ade20k      ADEChallengeData2016/images/{training,validation}/*.jpg
+              ADEChallengeData2016/annotations/{training,validation}/*.png
+              splits train (training), val (validation)
+  cityscapes  leftImg8bit/{split}/{city}/{name}_leftImg8bit.png
+              gtFine/{split}/{city}/{name}_gtFine_labelIds.png
+              gtFine/{split}/{city}/{name}_gtFine_instanceIds.png (16-bit)
+              splits train, val
+  facades     {split}_img/*.jpg  {split}_label/*.png    splits train, val
+  custom      label_dir, image_dir, optional instance_dir (any single split)
+
+Paths go through `tf.io.gfile`, so `manual_dir` may also be a cloud bucket.
+"""
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
+                    '.tiff')
+# Label and instance maps must be lossless; non-PNG ones are re-encoded.
+MAP_EXTENSIONS = ('.png', '.bmp', '.gif', '.tif', '.tiff')
+DONTCARE_VALUE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """The files of one example."""
+  name: str  # Base name shared by the files (no extension, no suffix).
+  image_path: str
+  label_path: str
+  instance_path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a data set is and which raw label values it may contain."""
+  name: str
+  label_nc: int
+  contain_dontcare_label: bool
+  has_instance: bool
+  splits: Tuple[str, ...]
+  # Largest valid raw label value. ADE20K stores 0..150 (0 = "other", which
+  # the reader's shift turns into don't-care), the others 0..label_nc-1.
+  max_raw_label: int
+  # Whether the raw value 255 (don't-care) may appear.
+  allow_dontcare_value: bool
+
+  def check_label_values(self, values: Sequence[int]) -> List[int]:
+    """Returns the values among `values` that are not valid raw labels."""
+    return [int(v) for v in values
+            if not (0 <= v <= self.max_raw_label or
+                    (self.allow_dontcare_value and v == DONTCARE_VALUE))]
+
+
+def _layout(name, label_nc, dontcare, instance, splits, max_raw=None,
+            allow_255=None) -> Layout:
+  return Layout(
+      name=name, label_nc=label_nc, contain_dontcare_label=dontcare,
+      has_instance=instance, splits=tuple(splits),
+      max_raw_label=label_nc - 1 if max_raw is None else max_raw,
+      allow_dontcare_value=dontcare if allow_255 is None else allow_255)
+
+
+LAYOUTS: Dict[str, Layout] = {
+    'coco_stuff': _layout('coco_stuff', 182, True, True, ('train', 'val')),
+    # Raw 0 ("other") becomes don't-care after the reader's shift; raw 255
+    # never occurs (it would shift to a real class), so it is rejected.
+    'ade20k': _layout('ade20k', 150, True, False, ('train', 'val'),
+                      max_raw=150, allow_255=False),
+    'cityscapes': _layout('cityscapes', 35, False, True, ('train', 'val')),
+    'facades': _layout('facades', 13, False, False, ('train', 'val')),
+}
+
+# Names accepted by `get_layout` (custom is configured by flags).
+DATASETS = tuple(LAYOUTS) + ('custom',)
+
+
+def custom_layout(label_nc: int, contain_dontcare_label: bool,
+                  has_instance: bool, split: str) -> Layout:
+  """The layout of a custom data set (values 0..label_nc-1, maybe 255)."""
+  if label_nc is None or label_nc <= 0:
+    raise ValueError(f'custom data sets need a positive --label_nc, got '
+                     f'{label_nc!r}.')
+  if label_nc > DONTCARE_VALUE and contain_dontcare_label:
+    raise ValueError(f'label_nc {label_nc} collides with the don\'t-care '
+                     f'value {DONTCARE_VALUE}.')
+  return _layout('custom', label_nc, contain_dontcare_label, has_instance,
+                 (split,))
+
+
+def get_layout(dataset: str) -> Layout:
+  if dataset not in LAYOUTS:
+    raise ValueError(f'Unknown data set {dataset!r}; expected one of '
+                     f'{", ".join(DATASETS)} (custom takes its own flags).')
+  return LAYOUTS[dataset]
+
+
+class PairingError(ValueError):
+  """Files that do not pair up (or are missing) in a data set's layout."""
+
+
+def _list_files(folder: str, extensions: Sequence[str],
+                recursive: bool = False) -> List[str]:
+  """Files of `folder` (and sub-folders if `recursive`) with an extension."""
+  if not tf.io.gfile.isdir(folder):
+    return []
+  if recursive:
+    paths = []
+    for root, _, files in tf.io.gfile.walk(folder):
+      paths.extend(os.path.join(root, f) for f in files)
+  else:
+    paths = [os.path.join(folder, f) for f in tf.io.gfile.listdir(folder)]
+  return sorted(p for p in paths
+                if os.path.splitext(p)[1].lower() in extensions)
+
+
+def _key(path: str, suffix: str = '') -> Optional[str]:
+  """Base name of `path` without extension and `suffix`; None if no suffix."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if suffix:
+    if not stem.endswith(suffix):
+      return None
+    stem = stem[:-len(suffix)]
+  return stem
+
+
+def _index(paths: Sequence[str], suffix: str, what: str,
+           problems: List[str]) -> Dict[str, str]:
+  """Maps base name -> path; records duplicate names as problems."""
+  index = {}
+  for p in paths:
+    k = _key(p, suffix)
+    if k is None:
+      continue
+    if k in index:
+      problems.append(f'two {what} files named {k!r}: {index[k]} and {p}')
+    else:
+      index[k] = p
+  return index
+
+
+def _format_names(names: Sequence[str], limit: int = 20) -> str:
+  shown = ', '.join(sorted(names)[:limit])
+  more = len(names) - limit
+  return shown + (f' ... and {more} more' if more > 0 else '')
+
+
+def pair_files(images: Sequence[str], labels: Sequence[str],
+               instances: Optional[Sequence[str]], *, where: str,
+               image_suffix: str = '', label_suffix: str = '',
+               instance_suffix: str = '') -> List[Example]:
+  """Pairs image, label (and instance) files by base name.
+
+  Args:
+    images: image file paths.
+    labels: label file paths.
+    instances: instance file paths, or None when the set has none.
+    where: description of the folders, for error messages.
+    image_suffix: suffix of the image stems removed to get the base name.
+    label_suffix: same for labels.
+    instance_suffix: same for instances.
+
+  Returns:
+    The examples, sorted by name.
+
+  Raises:
+    PairingError: listing every unpaired file and which side lacks what.
+  """
+  problems = []
+  by_image = _index(images, image_suffix, 'image', problems)
+  by_label = _index(labels, label_suffix, 'label', problems)
+  by_inst = (None if instances is None else
+             _index(instances, instance_suffix, 'instance', problems))
+  sides = [('image', by_image), ('label', by_label)]
+  if by_inst is not None:
+    sides.append(('instance', by_inst))
+  names = set().union(*(set(d) for _, d in sides))
+  if not names:
+    raise PairingError(f'No examples found in {where}.')
+  for what, index in sides:
+    missing = sorted(names - set(index))
+    if missing:
+      has = ' and '.join(w for w, d in sides if d is not index)
+      problems.append(
+          f'{len(missing)} example(s) with no {what} file (present among '
+          f'{has} files): {_format_names(missing)}')
+  if problems:
+    raise PairingError(f'Files in {where} do not pair up:\n  ' +
+                       '\n  '.join(problems))
+  return [Example(name=n, image_path=by_image[n], label_path=by_label[n],
+                  instance_path=None if by_inst is None else by_inst[n])
+          for n in sorted(names)]
+
+
+def _require_dirs(dirs: Sequence[str]) -> None:
+  missing = [d for d in dirs if not tf.io.gfile.isdir(d)]
+  if missing:
+    raise PairingError('Missing folder(s): ' + ', '.join(missing))
+
+
+def _folder_examples(image_dir: str, label_dir: str,
+                     instance_dir: Optional[str]) -> List[Example]:
+  dirs = [image_dir, label_dir] + ([instance_dir] if instance_dir else [])
+  _require_dirs(dirs)
+  return pair_files(
+      _list_files(image_dir, IMAGE_EXTENSIONS),
+      _list_files(label_dir, MAP_EXTENSIONS),
+      None if instance_dir is None else
+      _list_files(instance_dir, MAP_EXTENSIONS),
+      where=', '.join(dirs))
+
+
+def _coco_like(manual_dir: str, split: str, instance: bool) -> List[Example]:
+  return _folder_examples(
+      os.path.join(manual_dir, f'{split}_img'),
+      os.path.join(manual_dir, f'{split}_label'),
+      os.path.join(manual_dir, f'{split}_inst') if instance else None)
+
+
+def _ade20k(manual_dir: str, split: str) -> List[Example]:
+  folder = {'train': 'training', 'val': 'validation'}[split]
+  root = os.path.join(manual_dir, 'ADEChallengeData2016')
+  return _folder_examples(os.path.join(root, 'images', folder),
+                          os.path.join(root, 'annotations', folder), None)
+
+
+def _cityscapes(manual_dir: str, split: str) -> List[Example]:
+  image_dir = os.path.join(manual_dir, 'leftImg8bit', split)
+  gt_dir = os.path.join(manual_dir, 'gtFine', split)
+  _require_dirs([image_dir, gt_dir])
+  gt = _list_files(gt_dir, ('.png',), recursive=True)
+  return pair_files(
+      _list_files(image_dir, ('.png',), recursive=True),
+      [p for p in gt if p.endswith('_gtFine_labelIds.png')],
+      [p for p in gt if p.endswith('_gtFine_instanceIds.png')],
+      where=f'{image_dir}, {gt_dir}', image_suffix='_leftImg8bit',
+      label_suffix='_gtFine_labelIds', instance_suffix='_gtFine_instanceIds')
+
+
+def find_examples(layout: Layout, split: str, manual_dir: Optional[str] = None,
+                  *, image_dir: Optional[str] = None,
+                  label_dir: Optional[str] = None,
+                  instance_dir: Optional[str] = None) -> List[Example]:
+  """Lists the examples of one split of a data set, sorted by name.
+
+  Args:
+    layout: the data set (`get_layout(...)` or `custom_layout(...)`).
+    split: a split name among `layout.splits`.
+    manual_dir: root of the released files (not used by custom).
+    image_dir: custom only: the images.
+    label_dir: custom only: the label maps.
+    instance_dir: custom only: the instance maps (optional).
+
+  Returns:
+    The examples.
+
+  Raises:
+    ValueError: unknown split, or missing directories.
+    PairingError: files that do not pair up.
+  """
+  if split not in layout.splits:
+    raise ValueError(f'{layout.name} has splits {", ".join(layout.splits)}; '
+                     f'got {split!r}.')
+  if layout.name == 'custom':
+    if not image_dir or not label_dir:
+      raise ValueError('custom data sets need --image_dir and --label_dir.')
+    return _folder_examples(image_dir, label_dir, instance_dir or None)
+  if not manual_dir:
+    raise ValueError(f'{layout.name} needs --manual_dir (the folder holding '
+                     'the released files).')
+  if layout.name in ('coco_stuff', 'facades'):
+    return _coco_like(manual_dir, split, layout.has_instance)
+  if layout.name == 'ade20k':
+    return _ade20k(manual_dir, split)
+  if layout.name == 'cityscapes':
+    return _cityscapes(manual_dir, split)
+  raise ValueError(f'No file layout for {layout.name!r}.')
