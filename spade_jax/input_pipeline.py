@@ -1,0 +1,738 @@
+"""Input pipeline: tf.data over the TFRecords of `data_pipelines.records`.
+
+Reads a built data set (see `data_pipelines/records.py` for the format),
+decodes image, label and instance maps, applies the reference SPADE
+preprocessing (resize / crop / flip, PIL-like resampling) and batches.
+
+Every batch is a dict of numpy-convertible tensors:
+
+  image           float32 (B, H, W, 3) in [-1, 1]
+  label           int32   (B, H, W)    model class ids (don't-care = label_nc)
+  instance_edges  float32 (B, H, W)    1.0 on instance boundaries (zeros when
+                                       config.no_instance)
+and, with `with_metadata` (the default for evaluation):
+  file_name       bytes   (B,)         the example's base name
+  index           int64   (B,)         its position in the global order
+  valid           bool    (B,)         False for the padding that completes
+                                       the last evaluation batch
+
+Order and randomness are functions of (config.seed, step) alone:
+
+* The global stream of examples is a concatenation of epochs. Epoch `e` reads
+  the shards in an order drawn from (seed, e), interleaves them and shuffles
+  with a buffer seeded from (seed, e). Evaluation reads the shards in order.
+* Global batch `k` is stream positions [k * B, (k + 1) * B) (B = the global
+  batch size). Each of `process_count` processes computes the same stream and
+  keeps its contiguous slice of every global batch (before decoding), so the
+  processes see disjoint parts that together cover the data.
+* Random crop offsets and flips come from a stateless RNG keyed by
+  (seed, stream position).
+* `start_step` restarts the stream at global batch `start_step`: earlier epochs
+  are not read at all and the skipped part of the current one is only read as
+  bytes, never decoded.
+
+Preprocessing follows the reference (`data/base_dataset.py`) with these
+documented choices:
+* `none` keeps the native size (the reference rounds to multiples of 32 with a
+  bicubic resize; we keep pixels exact, the model checks its own sizes).
+* `fixed` resizes to width crop_size, height round(crop_size / aspect_ratio)
+  as the reference does (the generator's size depends on crop_size).
+* Crops are crop_size wide and round(crop_size / aspect_ratio) high (square at
+  aspect_ratio 1, as in the reference); random offsets only when training,
+  centred otherwise. A resized image smaller than the crop is padded with
+  zeros at the bottom/right, as PIL's crop does in the reference.
+* `scale_shortside` scales the short side to load_size (the reference keeps
+  the short side unchanged by mistake and only rescales the long side).
+"""
+import dataclasses
+import threading
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import records
+
+PREPROCESS_MODES = ('resize_and_crop', 'crop', 'scale_width',
+                    'scale_width_and_crop', 'scale_shortside',
+                    'scale_shortside_and_crop', 'fixed', 'none')
+_CROP_MODES = ('resize_and_crop', 'crop', 'scale_width_and_crop',
+               'scale_shortside_and_crop')
+_DONTCARE_VALUE = 255
+# The dataset functions below use no Python control flow on tensors; skipping
+# AutoGraph's source conversion makes building a pipeline several times faster.
+_no_autograph = tf.autograph.experimental.do_not_convert
+# Shards read at once when training (interleaved record by record).
+_MAX_INTERLEAVE = 16
+_READ_BUFFER = 1 << 20
+# Keys of the metadata fields added with `with_metadata`.
+METADATA_KEYS = ('file_name', 'index', 'valid')
+
+
+# ---------------------------------------------------------------------------
+# Bad-record bookkeeping.
+
+
+class BadRecordCounter:
+  """Thread-safe count of the corrupt records skipped (skip_bad_records)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._count = 0
+    self.file_names = []
+
+  def add(self, file_name: str) -> None:
+    with self._lock:
+      self._count += 1
+      self.file_names.append(file_name)
+
+  @property
+  def count(self) -> int:
+    with self._lock:
+      return self._count
+
+
+# Used when `create_split` is given no counter of its own.
+BAD_RECORDS = BadRecordCounter()
+
+
+# ---------------------------------------------------------------------------
+# Static (config-derived) preprocessing parameters.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """How examples are resized, cropped and flipped."""
+  mode: str
+  load_size: int
+  crop_size: int
+  aspect_ratio: float = 1.0
+  random_crop: bool = False
+  random_flip: bool = False
+
+  def __post_init__(self):
+    if self.mode not in PREPROCESS_MODES:
+      raise ValueError(f'Unknown preprocess_mode {self.mode!r}; expected one '
+                       f'of {", ".join(PREPROCESS_MODES)}.')
+    if self.load_size <= 0 or self.crop_size <= 0 or self.aspect_ratio <= 0:
+      raise ValueError('load_size, crop_size and aspect_ratio must be '
+                       f'positive, got {self.load_size}, {self.crop_size}, '
+                       f'{self.aspect_ratio}.')
+
+  @property
+  def crop_shape(self) -> Tuple[int, int]:
+    """(height, width) of crops and of `fixed` outputs."""
+    return (int(round(self.crop_size / self.aspect_ratio)), self.crop_size)
+
+  @property
+  def output_shape(self) -> Optional[Tuple[int, int]]:
+    """(height, width) of every output, or None if it depends on the input."""
+    if self.mode in _CROP_MODES or self.mode == 'fixed':
+      return self.crop_shape
+    return None
+
+
+def preprocess_from_config(config: ml_collections.ConfigDict, *,
+                           train: bool) -> Preprocess:
+  return Preprocess(
+      mode=config.preprocess_mode,
+      load_size=int(config.load_size),
+      crop_size=int(config.crop_size),
+      aspect_ratio=float(config.aspect_ratio),
+      random_crop=train,
+      random_flip=train and not config.no_flip)
+
+
+# ---------------------------------------------------------------------------
+# Decoding.
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB (H, W, 3), like PIL's."""
+  # INTEGER_ACCURATE is libjpeg's ISLOW DCT, the one PIL uses.
+  return tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3,
+                                dct_method='INTEGER_ACCURATE'),
+      lambda: tf.ensure_shape(
+          tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                             expand_animations=False), [None, None, 3]))
+
+
+def decode_map_png(data: tf.Tensor) -> tf.Tensor:
+  """Decodes a grayscale 8- or 16-bit PNG to its raw values, int32 (H, W)."""
+  header = tf.io.decode_raw(tf.strings.substr(data, 0, 26), tf.uint8)
+  signature = tf.constant([137, 80, 78, 71, 13, 10, 26, 10], tf.uint8)
+  is_png = tf.logical_and(
+      tf.equal(tf.size(header), 26),
+      tf.reduce_all(tf.equal(header[:8], signature)))
+  checks = [
+      tf.debugging.Assert(is_png, ['not a PNG file']),
+      # Colour type 0: grayscale. Palette or RGB label maps are rejected (TF
+      # would convert them to colours instead of returning the indices).
+      tf.debugging.Assert(tf.equal(header[25], 0),
+                          ['label/instance PNG is not single-channel gray']),
+  ]
+  with tf.control_dependencies(checks):
+    bit_depth = tf.identity(header[24])
+  decoded = tf.cond(
+      tf.equal(bit_depth, 16),
+      lambda: tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint16),
+                      tf.int32),
+      lambda: tf.cast(tf.io.decode_png(data, channels=1, dtype=tf.uint8),
+                      tf.int32))
+  return decoded[..., 0]
+
+
+def map_labels(raw: tf.Tensor, *, dataset: str, label_nc: int,
+               contain_dontcare_label: bool) -> tf.Tensor:
+  """Maps raw label values to model class ids (reference conventions).
+
+  ade20k: value - 1, with 0 ("other") becoming label_nc. With
+  contain_dontcare_label, the raw value 255 becomes label_nc.
+
+  Args:
+    raw: integer label map as stored.
+    dataset: the data set name (DatasetInfo.dataset).
+    label_nc: number of classes.
+    contain_dontcare_label: whether 255 means don't-care.
+
+  Returns:
+    int32 class ids, same shape.
+  """
+  raw = tf.cast(raw, tf.int32)
+  label = raw
+  if dataset == 'ade20k':
+    label = tf.where(raw == 0, label_nc, raw - 1)
+  if contain_dontcare_label:
+    label = tf.where(raw == _DONTCARE_VALUE, label_nc, label)
+  return label
+
+
+# ---------------------------------------------------------------------------
+# Geometry.
+
+
+def resized_shape(mode: str, height: tf.Tensor, width: tf.Tensor,
+                  load_size: int, crop_shape: Tuple[int, int]
+                  ) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(height, width) after the resize step of `mode` (before any crop)."""
+  h = tf.cast(height, tf.int64)
+  w = tf.cast(width, tf.int64)
+  load = tf.constant(load_size, tf.int64)
+  if mode == 'resize_and_crop':
+    return load, load
+  if mode in ('scale_width', 'scale_width_and_crop'):
+    # int(load * h / w) in the reference; exact in integers.
+    return (load * h) // w, load
+  if mode in ('scale_shortside', 'scale_shortside_and_crop'):
+    short = tf.minimum(h, w)
+    long_side = (load * tf.maximum(h, w)) // short
+    width_is_shorter = w <= h
+    return (tf.where(width_is_shorter, long_side, load),
+            tf.where(width_is_shorter, load, long_side))
+  if mode == 'fixed':
+    return (tf.constant(crop_shape[0], tf.int64),
+            tf.constant(crop_shape[1], tf.int64))
+  return h, w  # crop, none
+
+
+def _bicubic_axis(image: tf.Tensor, out_size: tf.Tensor, axis: int
+                  ) -> tf.Tensor:
+  """One PIL BICUBIC pass along `axis` (0 rows, 1 cols), rounded to uint8."""
+  shape = tf.shape(image, out_type=tf.int64)
+  if axis == 0:
+    target = tf.stack([out_size, shape[1]])
+  else:
+    target = tf.stack([shape[0], out_size])
+
+  def resize():
+    x = tf.image.resize(tf.cast(image, tf.float32), tf.cast(target, tf.int32),
+                        method='bicubic', antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+
+  return tf.cond(tf.equal(shape[axis], out_size), lambda: image, resize)
+
+
+def resize_bicubic(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+                   ) -> tf.Tensor:
+  """Resizes uint8 (H, W, C) like PIL's BICUBIC: antialiased, keys a=-0.5.
+
+  PIL filters horizontally, rounds to uint8, then vertically; doing the same
+  matches it to +-1 level (rare) instead of a few levels.
+  """
+  image = _bicubic_axis(image, tf.cast(width, tf.int64), axis=1)
+  return _bicubic_axis(image, tf.cast(height, tf.int64), axis=0)
+
+
+def nearest_indices(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+  """Source indices of PIL NEAREST: floor((dst + 0.5) * in / out).
+
+  Computed as PIL does, by accumulating the float64 step, so that exact ties
+  round as PIL's do.
+  """
+  in_size = tf.cast(in_size, tf.int64)
+  out_size = tf.cast(out_size, tf.int64)
+  step = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+  steps = tf.concat([[step * 0.5], tf.fill([out_size - 1], step)], axis=0)
+  index = tf.cast(tf.math.cumsum(steps), tf.int64)
+  return tf.minimum(index, in_size - 1)
+
+
+def resize_nearest(x: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+                   ) -> tf.Tensor:
+  """Resizes a (H, W) map like PIL NEAREST (pixel centres), no interpolation."""
+  shape = tf.shape(x, out_type=tf.int64)
+  rows = nearest_indices(shape[0], height)
+  cols = nearest_indices(shape[1], width)
+  return tf.gather(tf.gather(x, rows, axis=0), cols, axis=1)
+
+
+def crop_offsets(height: tf.Tensor, width: tf.Tensor,
+                 crop_shape: Tuple[int, int], random: bool,
+                 rng_seed: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Top-left corner of the crop: uniform over valid offsets, or centred."""
+  max_y = tf.maximum(tf.cast(height, tf.int64) - crop_shape[0], 0)
+  max_x = tf.maximum(tf.cast(width, tf.int64) - crop_shape[1], 0)
+  if not random:
+    return max_y // 2, max_x // 2
+  u = tf.random.stateless_uniform([2], seed=rng_seed, dtype=tf.float64)
+  y = tf.minimum(tf.cast(u[0] * tf.cast(max_y + 1, tf.float64), tf.int64),
+                 max_y)
+  x = tf.minimum(tf.cast(u[1] * tf.cast(max_x + 1, tf.float64), tf.int64),
+                 max_x)
+  return y, x
+
+
+def crop_or_pad(x: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
+                crop_shape: Tuple[int, int]) -> tf.Tensor:
+  """Crops (H, W, ...) at (top, left); pads zeros bottom/right if too small."""
+  shape = tf.shape(x, out_type=tf.int64)
+  pad_h = tf.maximum(top + crop_shape[0] - shape[0], 0)
+  pad_w = tf.maximum(left + crop_shape[1] - shape[1], 0)
+  paddings = tf.concat([[[0, pad_h], [0, pad_w]],
+                        tf.zeros([tf.rank(x) - 2, 2], tf.int64)], axis=0)
+  x = tf.pad(x, paddings)
+  return x[top:top + crop_shape[0], left:left + crop_shape[1]]
+
+
+def instance_edges(instance: tf.Tensor) -> tf.Tensor:
+  """1.0 where an id differs from a 4-neighbour (both sides marked), float32."""
+  dx = tf.not_equal(instance[:, 1:], instance[:, :-1])
+  dy = tf.not_equal(instance[1:, :], instance[:-1, :])
+  false_col = tf.zeros_like(dx[:, :1])
+  false_row = tf.zeros_like(dy[:1, :])
+  edge = tf.logical_or(
+      tf.logical_or(tf.concat([dx, false_col], 1),
+                    tf.concat([false_col, dx], 1)),
+      tf.logical_or(tf.concat([dy, false_row], 0),
+                    tf.concat([false_row, dy], 0)))
+  return tf.cast(edge, tf.float32)
+
+
+def transform(image: tf.Tensor, maps: Dict[str, tf.Tensor], pre: Preprocess,
+              rng_seed: tf.Tensor) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+  """Resizes, crops and flips an image and its label/instance maps alike.
+
+  Args:
+    image: uint8 (H, W, 3).
+    maps: name -> integer (H, W) maps of the same size (label, instance).
+    pre: preprocessing parameters.
+    rng_seed: int64 [2] stateless seed for the crop offsets and flip.
+
+  Returns:
+    (image uint8, maps) after resizing (bicubic / nearest), cropping, flipping.
+  """
+  shape = tf.shape(image, out_type=tf.int64)
+  new_h, new_w = resized_shape(pre.mode, shape[0], shape[1], pre.load_size,
+                               pre.crop_shape)
+  if pre.mode != 'none' and pre.mode != 'crop':
+    image = resize_bicubic(image, new_h, new_w)
+    maps = {k: resize_nearest(v, new_h, new_w) for k, v in maps.items()}
+  if pre.mode in _CROP_MODES:
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(rng_seed, 2))
+    top, left = crop_offsets(new_h, new_w, pre.crop_shape, pre.random_crop,
+                             crop_seed)
+    image = crop_or_pad(image, top, left, pre.crop_shape)
+    maps = {k: crop_or_pad(v, top, left, pre.crop_shape)
+            for k, v in maps.items()}
+  else:
+    flip_seed = tf.random.experimental.stateless_split(rng_seed, 2)[1]
+  if pre.random_flip:
+    flip = tf.random.stateless_uniform([], seed=flip_seed) < 0.5
+    image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+    maps = {k: tf.cond(flip, lambda v=v: v[:, ::-1], lambda v=v: v)
+            for k, v in maps.items()}
+  out_shape = pre.output_shape
+  if out_shape is not None:
+    image = tf.ensure_shape(image, out_shape + (3,))
+    maps = {k: tf.ensure_shape(v, out_shape) for k, v in maps.items()}
+  return image, maps
+
+
+def normalize_image(image: tf.Tensor) -> tf.Tensor:
+  """uint8 -> float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5)."""
+  return (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
+
+
+# ---------------------------------------------------------------------------
+# Per-example processing with corrupt-record handling.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleSpec:
+  """Everything the per-example function needs (static)."""
+  pre: Preprocess
+  dataset: str
+  label_nc: int
+  contain_dontcare_label: bool
+  use_instance: bool
+  seed: int
+  skip_bad_records: bool
+
+
+def _decode_fields(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
+                   ) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+  """Decodes image and maps; asserts they have the same size."""
+  image = decode_image(fields['image'])
+  maps = {'label': decode_map_png(fields['label'])}
+  if spec.use_instance:
+    maps['instance'] = decode_map_png(fields['instance'])
+  size = tf.shape(image)[:2]
+  checks = [tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(v), size)),
+                                [f'{k} size differs from the image size'])
+            for k, v in maps.items()]
+  with tf.control_dependencies(checks):
+    image = tf.identity(image)
+  return image, maps
+
+
+def _process(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
+             ) -> Dict[str, tf.Tensor]:
+  """Decodes and preprocesses one example (raises on undecodable data)."""
+  image, maps = _decode_fields(fields, spec)
+  rng_seed = tf.stack([tf.constant(spec.seed, tf.int64), fields['index']])
+  image, maps = transform(image, maps, spec.pre, rng_seed)
+  label = map_labels(maps['label'], dataset=spec.dataset,
+                     label_nc=spec.label_nc,
+                     contain_dontcare_label=spec.contain_dontcare_label)
+  if spec.use_instance:
+    edges = instance_edges(maps['instance'])
+  else:
+    edges = tf.zeros(tf.shape(label), tf.float32)
+  return {
+      'image': normalize_image(image),
+      'label': label,
+      'instance_edges': edges,
+      'file_name': fields['file_name'],
+      'index': fields['index'],
+      'valid': fields['valid'],
+      'decoded': tf.constant(True),
+  }
+
+
+def _decodes(data: tf.Tensor, decode_fn) -> tf.Tensor:
+  """True if decode_fn(data) runs without error (used only on failures)."""
+  ds = tf.data.Dataset.from_tensors(data).map(_no_autograph(decode_fn))
+  ds = ds.ignore_errors()
+  return ds.reduce(tf.constant(False),
+                   _no_autograph(lambda ok, _: tf.constant(True)))
+
+
+def _describe_failure(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
+                      ) -> tf.Tensor:
+  """A message saying which field of a record could not be decoded."""
+  parts = [tf.where(_decodes(fields['image'], decode_image), '',
+                    'image undecodable; ')]
+  parts.append(tf.where(_decodes(fields['label'], decode_map_png), '',
+                        'label undecodable or not a gray PNG; '))
+  if spec.use_instance:
+    parts.append(tf.where(_decodes(fields['instance'], decode_map_png), '',
+                          'instance undecodable or not a gray PNG; '))
+  reason = tf.strings.join(parts)
+  return tf.where(tf.equal(reason, ''),
+                  'image, label and instance sizes differ', reason)
+
+
+def _log_skipped(counter: BadRecordCounter):
+  """A py_function body that logs and counts one skipped record."""
+
+  def log(shard, file_name, index, reason):
+    name = file_name.numpy().decode('utf-8', 'replace')
+    counter.add(name)
+    logging.warning('Skipping corrupt record %r (stream position %d) in %s: '
+                    '%s (%d skipped so far).', name, int(index.numpy()),
+                    shard.numpy().decode('utf-8', 'replace'),
+                    reason.numpy().decode('utf-8', 'replace'), counter.count)
+    return True
+
+  return log
+
+
+def _placeholder(fields: Dict[str, tf.Tensor], spec: _ExampleSpec,
+                 counter: BadRecordCounter) -> Dict[str, tf.Tensor]:
+  """Runs on a record that failed: raises a clear error, or logs and counts."""
+  reason = _describe_failure(fields, spec)
+  message = tf.strings.join([
+      'Corrupt record ', fields['file_name'], ' in shard ', fields['shard'],
+      ' (stream position ', tf.strings.as_string(fields['index']), '): ',
+      reason, '. Set config.skip_bad_records=True to skip such records.'])
+  if spec.skip_bad_records:
+    logged = tf.py_function(_log_skipped(counter),
+                            [fields['shard'], fields['file_name'],
+                             fields['index'], reason], Tout=tf.bool)
+    deps = [logged]
+  else:
+    deps = [tf.debugging.Assert(False, [message], summarize=1)]
+  with tf.control_dependencies(deps):
+    shape = spec.pre.output_shape or (1, 1)
+    return {
+        'image': tf.zeros(shape + (3,), tf.float32),
+        'label': tf.zeros(shape, tf.int32),
+        'instance_edges': tf.zeros(shape, tf.float32),
+        'file_name': tf.identity(fields['file_name']),
+        'index': tf.identity(fields['index']),
+        'valid': tf.identity(fields['valid']),
+        'decoded': tf.constant(False),
+    }
+
+
+def _parse(shard: tf.Tensor, serialized: tf.Tensor, index: tf.Tensor,
+           valid: tf.Tensor) -> Dict[str, tf.Tensor]:
+  fields = records.parse_example(serialized)
+  fields.update(shard=shard, index=index, valid=valid)
+  return fields
+
+
+def _make_example_fn(spec: _ExampleSpec, counter: BadRecordCounter):
+  """The per-record map: parse, then decode or fall back on failure."""
+
+  def example_fn(index, record):
+    shard, serialized, valid = record
+    fields = _parse(shard, serialized, index, valid)
+    checks = []
+    if spec.use_instance:
+      checks.append(tf.debugging.Assert(
+          tf.strings.length(fields['instance']) > 0,
+          ['Record', fields['file_name'], 'in shard', fields['shard'],
+           'has no instance map but config.no_instance is False; set '
+           'config.no_instance=True for data without instance maps.']))
+    with tf.control_dependencies(checks):
+      fields['index'] = tf.identity(fields['index'])
+    single = tf.data.Dataset.from_tensors(fields)
+    good = single.map(_no_autograph(lambda f: _process(f, spec)))
+    good = good.ignore_errors()
+    bad = single.map(_no_autograph(lambda f: _placeholder(f, spec, counter)))
+    return good.concatenate(bad).take(1).get_single_element()
+
+  return _no_autograph(example_fn)
+
+
+# ---------------------------------------------------------------------------
+# Record streams.
+
+
+def _read_shards(paths: tf.Tensor, cycle_length: int) -> tf.data.Dataset:
+  """(shard path, serialized record) pairs, interleaved record by record."""
+  def read(path):
+    return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
+        _no_autograph(lambda r: (path, r)))
+
+  return tf.data.Dataset.from_tensor_slices(paths).interleave(
+      _no_autograph(read),
+      cycle_length=cycle_length, block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _epoch_seeds(seed: int, epoch: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(shard-order seed pair, shuffle-buffer seed) for an epoch."""
+  # Negative second words keep these apart from the per-example crop seeds.
+  key = tf.stack([tf.constant(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)])
+  order_seed, buffer_key = tf.unstack(
+      tf.random.experimental.stateless_split(key, 2))
+  buffer_seed = tf.random.stateless_uniform(
+      [], seed=buffer_key, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+  return order_seed, buffer_seed
+
+
+def _train_epoch(paths: Tuple[str, ...], seed: int, shuffle_buffer: int):
+  """Returns epoch -> shuffled (shard, record, valid) stream of that epoch."""
+
+  def epoch_records(epoch):
+    order_seed, buffer_seed = _epoch_seeds(seed, epoch)
+    order = tf.argsort(tf.random.stateless_uniform([len(paths)],
+                                                   seed=order_seed))
+    shuffled_paths = tf.gather(tf.constant(paths), order)
+    ds = _read_shards(shuffled_paths, min(len(paths), _MAX_INTERLEAVE))
+    if shuffle_buffer > 1:
+      ds = ds.shuffle(shuffle_buffer, seed=buffer_seed,
+                      reshuffle_each_iteration=False)
+    return ds.map(_no_autograph(lambda p, r: (p, r, tf.constant(True))))
+
+  return _no_autograph(epoch_records)
+
+
+def _record_stream(paths: Tuple[str, ...], num_examples: int,
+                   global_batch: int, *, train: bool, seed: int,
+                   shuffle_buffer: int, start_step: int,
+                   num_epochs: Optional[int]) -> tf.data.Dataset:
+  """Global (position, (shard, record, valid)) stream from `start_step` on."""
+  start = start_step * global_batch
+  if train:
+    start_epoch, offset = divmod(start, num_examples)
+    end_epoch = 2**62 if num_epochs is None else num_epochs
+    ds = tf.data.Dataset.range(start_epoch, end_epoch).flat_map(
+        _train_epoch(paths, seed, shuffle_buffer))
+    ds = ds.skip(offset)
+  else:
+    one_pass = _read_shards(tf.constant(paths), 1)
+    ds = one_pass.map(_no_autograph(lambda p, r: (p, r, tf.constant(True))))
+    pad = -num_examples % global_batch
+    if pad:
+      # Complete the last global batch with (invalid) repeats of the first
+      # records so that every process gets a full, equal share.
+      ds = ds.concatenate(one_pass.repeat().take(pad).map(
+          _no_autograph(lambda p, r: (p, r, tf.constant(False)))))
+    ds = ds.repeat(1 if num_epochs is None else num_epochs)
+    ds = ds.skip(start)
+  return ds.enumerate(start=start)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def _check_config(config: ml_collections.ConfigDict,
+                  info: records.DatasetInfo) -> None:
+  """Fails early when the config does not fit the built data set."""
+  if config.label_nc != info.label_nc:
+    raise ValueError(
+        f'config.label_nc={config.label_nc} but the data set '
+        f'({info.dataset}) has label_nc={info.label_nc}.')
+  if bool(config.contain_dontcare_label) != bool(info.contain_dontcare_label):
+    raise ValueError(
+        f'config.contain_dontcare_label={config.contain_dontcare_label} but '
+        f'the data set ({info.dataset}) has '
+        f'contain_dontcare_label={info.contain_dontcare_label}.')
+  if not config.no_instance and not info.has_instance:
+    raise ValueError(
+        f'The {info.dataset} data set has no instance maps but '
+        'config.no_instance is False; set config.no_instance=True.')
+  if config.dataset and config.dataset != info.dataset:
+    logging.warning('config.dataset=%r but the data in this folder is %r; '
+                    'using the data set\'s label conventions.',
+                    config.dataset, info.dataset)
+
+
+def split_size(info: records.DatasetInfo, split: str) -> Tuple[int, int]:
+  """(num_examples, num_shards) of a split, with a clear error if absent."""
+  if split not in info.splits:
+    raise ValueError(f'Split {split!r} not in the data set; it has '
+                     f'{sorted(info.splits)}.')
+  entry = info.splits[split]
+  return int(entry['num_examples']), int(entry['num_shards'])
+
+
+def create_split(config: ml_collections.ConfigDict, data_dir: str,
+                 split: str, *, train: bool, batch_size: Optional[int] = None,
+                 start_step: int = 0, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None,
+                 num_epochs: Optional[int] = None,
+                 with_metadata: Optional[bool] = None,
+                 bad_records: Optional[BadRecordCounter] = None
+                 ) -> tf.data.Dataset:
+  """Creates the batched dataset of this process's share of a split.
+
+  Args:
+    config: reads preprocess_mode, load_size, crop_size, aspect_ratio,
+      no_flip, shuffle_buffer_size, prefetch, skip_bad_records, batch_size,
+      seed, label_nc, contain_dontcare_label, no_instance, dataset.
+    data_dir: folder of a built data set (dataset_info.json + shards).
+    split: split name, e.g. 'train'.
+    train: shuffle, random crops and flips, and drop an incomplete last batch;
+      otherwise one ordered pass, centred crops, the last batch completed with
+      padding marked valid=False.
+    batch_size: GLOBAL batch size (default config.batch_size).
+    start_step: number of global batches already consumed; the stream resumes
+      exactly where an uninterrupted run would be.
+    process_index: this process (default jax.process_index()).
+    process_count: number of processes (default jax.process_count()).
+    num_epochs: epochs to read (default: forever when training, 1 otherwise).
+    with_metadata: add file_name, index and valid (default: not train).
+    bad_records: counter of skipped corrupt records (default BAD_RECORDS).
+
+  Returns:
+    A tf.data.Dataset of dicts with per-process batches of
+    batch_size // process_count examples (see the module docstring).
+  """
+  info = records.DatasetInfo.load(data_dir)
+  _check_config(config, info)
+  num_examples, num_shards = split_size(info, split)
+  if num_examples <= 0:
+    raise ValueError(f'Split {split!r} of {data_dir} is empty.')
+  batch_size = int(config.batch_size if batch_size is None else batch_size)
+  process_index = (jax.process_index() if process_index is None
+                   else process_index)
+  process_count = (jax.process_count() if process_count is None
+                   else process_count)
+  if batch_size % process_count:
+    raise ValueError(f'Global batch size {batch_size} is not divisible by '
+                     f'the number of processes {process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in '
+                     f'[0, {process_count}).')
+  local_batch = batch_size // process_count
+  pre = preprocess_from_config(config, train=train)
+  spec = _ExampleSpec(
+      pre=pre, dataset=info.dataset, label_nc=int(info.label_nc),
+      contain_dontcare_label=bool(info.contain_dontcare_label),
+      use_instance=not config.no_instance, seed=int(config.seed),
+      skip_bad_records=bool(config.skip_bad_records))
+  paths = tuple(records.shard_paths(data_dir, split, num_shards))
+  missing = [p for p in paths if not tf.io.gfile.exists(p)]
+  if missing:
+    raise FileNotFoundError(f'Missing shards of split {split!r}: {missing}')
+
+  ds = _record_stream(paths, num_examples, batch_size, train=train,
+                      seed=int(config.seed),
+                      shuffle_buffer=int(config.shuffle_buffer_size),
+                      start_step=int(start_step), num_epochs=num_epochs)
+  if process_count > 1:
+    # Keep this process's contiguous slice of every global batch.
+    ds = ds.filter(_no_autograph(lambda g, _: tf.equal(
+        (g % batch_size) // local_batch, process_index)))
+  ds = ds.map(_make_example_fn(spec, bad_records or BAD_RECORDS),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if spec.skip_bad_records:
+    ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
+  keep = ['image', 'label', 'instance_edges']
+  if with_metadata if with_metadata is not None else not train:
+    keep += list(METADATA_KEYS)
+  ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))
+  ds = ds.batch(local_batch, drop_remainder=train)
+  ds = ds.prefetch(int(config.prefetch) if config.prefetch > 0
+                   else tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[Dict[str, Any]]:
+  """Yields the batches of a dataset from `create_split` as numpy arrays."""
+  for batch in dataset.as_numpy_iterator():
+    yield batch
+
+
+def steps_per_epoch(data_dir: str, split: str, batch_size: int) -> int:
+  """Global batches in one epoch of a split (incomplete last one dropped)."""
+  num_examples, _ = split_size(records.DatasetInfo.load(data_dir), split)
+  return num_examples // batch_size
+
+
+def to_numpy(batch: Dict[str, tf.Tensor]) -> Dict[str, np.ndarray]:
+  """Converts one batch of tensors to numpy arrays."""
+  return {k: np.asarray(v) for k, v in batch.items()}

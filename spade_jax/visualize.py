@@ -1,0 +1,61 @@
+"""Small numpy helpers to turn model inputs and outputs into viewable images."""
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def default_palette(num_colors: int = 256) -> np.ndarray:
+  """A fixed, well-spread palette (PASCAL-VOC style bit interleaving).
+
+  Class 0 is black; colours of consecutive ids differ clearly.
+
+  Args:
+    num_colors: number of entries.
+
+  Returns:
+    uint8 (num_colors, 3).
+  """
+  ids = np.arange(num_colors, dtype=np.int64)
+  palette = np.zeros((num_colors, 3), np.int64)
+  shifted = ids.copy()
+  for bit in range(8):
+    for channel in range(3):
+      palette[:, channel] |= ((shifted >> channel) & 1) << (7 - bit)
+    shifted >>= 3
+  return palette.astype(np.uint8)
+
+
+def colorize_labels(label: np.ndarray,
+                    colors: Optional[Sequence[Sequence[int]]] = None
+                    ) -> np.ndarray:
+  """Colours an integer label map.
+
+  Args:
+    label: integer array (..., H, W) of class ids.
+    colors: one [r, g, b] per class id (e.g. DatasetInfo.colors); ids beyond
+      it, and every id when None, use `default_palette`.
+
+  Returns:
+    uint8 (..., H, W, 3).
+  """
+  label = np.asarray(label)
+  if label.size and label.min() < 0:
+    raise ValueError(f'Negative class id {label.min()} in label map.')
+  num = max(int(label.max()) + 1 if label.size else 1, 1)
+  palette = default_palette(max(num, 256))
+  if colors is not None:
+    given = np.asarray(colors, np.int64).reshape(-1, 3)
+    palette[:len(given)] = np.clip(given, 0, 255)[:len(palette)]
+  return palette[label]
+
+
+def image_to_uint8(image: np.ndarray) -> np.ndarray:
+  """Maps a float image in [-1, 1] to uint8 [0, 255] (rounded, clipped)."""
+  image = (np.asarray(image, np.float32) + 1.0) * 127.5
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def edges_to_uint8(edges: np.ndarray) -> np.ndarray:
+  """Maps an edge map in [0, 1] to a uint8 gray image (edges white)."""
+  return np.clip(np.round(np.asarray(edges, np.float32) * 255.0), 0,
+                 255).astype(np.uint8)
