@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default as default_config
+from data_pipelines import build
 from data_pipelines import records
 from spade_jax import input_pipeline
 
@@ -132,21 +133,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def build_coco(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  """Writes the COCO-Stuff sample as released (raw bytes) into records."""
-  splits = {}
-  for split in ('train', 'val'):
-    examples = []
-    for path in sorted((src / f'{split}_img').glob('*.jpg')):
-      name = path.stem
-      width, height = Image.open(path).size
-      examples.append({
-          'name': name, 'image': path.read_bytes(),
-          'label': (src / f'{split}_label' / f'{name}.png').read_bytes(),
-          'instance': (src / f'{split}_inst' / f'{name}.png').read_bytes(),
-          'height': height, 'width': width})
-    splits[split] = examples
-  return write_dataset(out, splits, dataset='coco_stuff', label_nc=182,
-                       contain_dontcare_label=True, num_shards=3)
+  """Builds the COCO-Stuff sample with the real builder."""
+  build.build_dataset('coco_stuff', str(src), str(out), num_shards=3,
+                      num_workers=2)
+  return out
 
 
 @pytest.fixture(name='blocky_dir')
