@@ -210,8 +210,8 @@ def map_to_array(im: Image.Image, path: str, what: str) -> np.ndarray:
 def encode_map_png(arr: np.ndarray) -> bytes:
   """A grayscale PNG of integer values: 8-bit if they fit, else 16-bit."""
   if arr.dtype == np.uint8 or (arr.size and int(arr.max()) < 256):
-    return _encode_png(Image.fromarray(arr.astype(np.uint8), mode='L'))
-  return _encode_png(Image.fromarray(arr.astype(np.uint16), mode='I;16'))
+    return _encode_png(Image.fromarray(arr.astype(np.uint8)))  # Mode L.
+  return _encode_png(Image.fromarray(arr.astype('<u2')))  # Mode I;16.
 
 
 def prepare_map(data: bytes, path: str,
@@ -491,6 +491,11 @@ def build_splits(
     Per split: examples, shards, bytes, seconds.
   """
   tf.io.gfile.makedirs(data_dir)
+  stale = tf.io.gfile.glob(os.path.join(data_dir, _TMP_PREFIX + '*'))
+  if stale:
+    logging.warning('Folders left by interrupted (or running) builds in %s: '
+                    '%s. They are never read; delete them to free space.',
+                    data_dir, ', '.join(os.path.basename(p) for p in stale))
   tmp_dir = make_temp_dir(data_dir)
   summary = {}
   try:

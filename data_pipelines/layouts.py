@@ -28,6 +28,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
 # Label and instance maps must be lossless; non-PNG ones are re-encoded.
 MAP_EXTENSIONS = ('.png', '.bmp', '.gif', '.tif', '.tiff')
 DONTCARE_VALUE = 255
+# Unpaired examples named in a PairingError.
+_MAX_LISTED = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +149,6 @@ def _index(paths: Sequence[str], suffix: str, what: str,
   return index
 
 
-def _format_names(names: Sequence[str], limit: int = 20) -> str:
-  shown = ', '.join(sorted(names)[:limit])
-  more = len(names) - limit
-  return shown + (f' ... and {more} more' if more > 0 else '')
-
-
 def pair_files(images: Sequence[str], labels: Sequence[str],
                instances: Optional[Sequence[str]], *, where: str,
                image_suffix: str = '', label_suffix: str = '',
@@ -185,13 +181,18 @@ def pair_files(images: Sequence[str], labels: Sequence[str],
   names = set().union(*(set(d) for _, d in sides))
   if not names:
     raise PairingError(f'No examples found in {where}.')
-  for what, index in sides:
-    missing = sorted(names - set(index))
-    if missing:
-      has = ' and '.join(w for w, d in sides if d is not index)
-      problems.append(
-          f'{len(missing)} example(s) with no {what} file (present among '
-          f'{has} files): {_format_names(missing)}')
+  unpaired = sorted(n for n in names if not all(n in d for _, d in sides))
+  for n in unpaired[:_MAX_LISTED]:
+    has = ', '.join(f'{w} {os.path.basename(d[n])}' for w, d in sides
+                    if n in d)
+    lacks = ', '.join(w for w, d in sides if n not in d)
+    problems.append(f'{n}: has {has}; no {lacks} file')
+  if len(unpaired) > _MAX_LISTED:
+    problems.append(f'... and {len(unpaired) - _MAX_LISTED} more unpaired')
+  if unpaired:
+    counts = ', '.join(f'{len(names) - len(d)} without {w}'
+                       for w, d in sides if len(d) < len(names))
+    problems.insert(0, f'{len(unpaired)} unpaired example(s) ({counts}):')
   if problems:
     raise PairingError(f'Files in {where} do not pair up:\n  ' +
                        '\n  '.join(problems))
