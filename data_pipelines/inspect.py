@@ -30,21 +30,22 @@ from data_pipelines import records
 from spade_jax import input_pipeline
 from spade_jax import visualize
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder of a built data set.')
-_DATASET = flags.DEFINE_string(
-    'dataset', None, 'Data set name; must match dataset_info.json if given.')
-_SPLIT = flags.DEFINE_string('split', 'val', 'Split to read.')
-_NUM = flags.DEFINE_integer('num', 8, 'Number of examples to write.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Folder to write into.')
-_PREPROCESS_MODE = flags.DEFINE_enum(
-    'preprocess_mode', None, input_pipeline.PREPROCESS_MODES,
-    'Overrides config.preprocess_mode.')
-_LOAD_SIZE = flags.DEFINE_integer('load_size', None,
-                                  'Overrides config.load_size.')
-_CROP_SIZE = flags.DEFINE_integer('crop_size', None,
-                                  'Overrides config.crop_size.')
-_ASPECT_RATIO = flags.DEFINE_float('aspect_ratio', None,
-                                   'Overrides config.aspect_ratio.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program)."""
+  flags.DEFINE_string('data_dir', None, 'Folder of a built data set.')
+  flags.DEFINE_string(
+      'dataset', None, 'Data set name; must match dataset_info.json if given.')
+  flags.DEFINE_string('split', 'val', 'Split to read.')
+  flags.DEFINE_integer('num', 8, 'Number of examples to write.')
+  flags.DEFINE_string('output', None, 'Folder to write into.')
+  flags.DEFINE_enum('preprocess_mode', None, input_pipeline.PREPROCESS_MODES,
+                    'Overrides config.preprocess_mode.')
+  flags.DEFINE_integer('load_size', None, 'Overrides config.load_size.')
+  flags.DEFINE_integer('crop_size', None, 'Overrides config.crop_size.')
+  flags.DEFINE_float('aspect_ratio', None, 'Overrides config.aspect_ratio.')
 
 
 def config_for_dataset(data_dir: str, dataset: Optional[str] = None,
@@ -130,21 +131,21 @@ def write_examples(examples: Sequence[Dict[str, np.ndarray]],
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if not _DATA_DIR.value or not _OUTPUT.value:
+  if not FLAGS.data_dir or not FLAGS.output:
     raise app.UsageError('--data_dir and --output are required.')
   config = config_for_dataset(
-      _DATA_DIR.value, _DATASET.value,
-      preprocess_mode=_PREPROCESS_MODE.value, load_size=_LOAD_SIZE.value,
-      crop_size=_CROP_SIZE.value, aspect_ratio=_ASPECT_RATIO.value)
-  examples = collect_examples(config, _DATA_DIR.value, _SPLIT.value,
-                              _NUM.value)
+      FLAGS.data_dir, FLAGS.dataset, preprocess_mode=FLAGS.preprocess_mode,
+      load_size=FLAGS.load_size, crop_size=FLAGS.crop_size,
+      aspect_ratio=FLAGS.aspect_ratio)
+  examples = collect_examples(config, FLAGS.data_dir, FLAGS.split, FLAGS.num)
   if not examples:
-    raise app.UsageError(f'Split {_SPLIT.value} yielded no examples.')
-  info = records.DatasetInfo.load(_DATA_DIR.value)
-  path = write_examples(examples, _OUTPUT.value, info.colors)
+    raise app.UsageError(f'Split {FLAGS.split} yielded no examples.')
+  info = records.DatasetInfo.load(FLAGS.data_dir)
+  path = write_examples(examples, FLAGS.output, info.colors)
   logging.info('Wrote %d examples (%s, %s) to %s', len(examples),
                config.preprocess_mode, examples[0]['image'].shape, path)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
