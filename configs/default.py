@@ -78,11 +78,11 @@ def get_config():
 
   # ---- Loop ------------------------------------------------------------------
   config.seed = 0
-  config.batch_size = 8
-  config.num_train_steps = 1500
+  config.batch_size = 4
+  config.num_train_steps = 600
   config.log_every_steps = 50
-  config.image_every_steps = 250
-  config.checkpoint_every_steps = 250
+  config.image_every_steps = 100
+  config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
   # A converted reference checkpoint to start from (spade_jax.convert output).
   config.init_from = ''

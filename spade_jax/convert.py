@@ -278,11 +278,15 @@ def check_against_template(variables, template, what: str) -> None:
         f'describe. Missing: {missing[:10]}{"..." if len(missing) > 10 else ""}'
         f'; unexpected: {extra[:10]}{"..." if len(extra) > 10 else ""}. Check '
         'the option file (ngf, label_nc, norm_G, num_upsampling_layers, ...).')
-  for p, w in want.items():
-    if tuple(flat[p].shape) != tuple(w.shape):
+  # Parameters first: their shapes say most about which option differs.
+  order = sorted(want, key=lambda p: fmt(p).split('/')[0] != 'params')
+  for p in order:
+    if tuple(flat[p].shape) != tuple(want[p].shape):
       raise ConversionError(
           f'{what}: {fmt(p)} has shape {tuple(flat[p].shape)} in the '
-          f'checkpoint, the network expects {tuple(w.shape)}.')
+          f'checkpoint, the network expects {tuple(want[p].shape)}. Check '
+          'the option file (ngf, ndf, label_nc, contain_dontcare_label, '
+          'no_instance, ...).')
 
 
 def load_torch_state(path: str) -> Dict[str, np.ndarray]:

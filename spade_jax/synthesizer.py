@@ -1,0 +1,156 @@
+"""Inference: label maps in, images out, from a model folder.
+
+  from spade_jax import Synthesizer
+  synth = Synthesizer.load('converted_model')
+  images = synth(labels, instances)   # (N, H, W, 3) float32 in [-1, 1]
+"""
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spade_jax import layers
+from spade_jax import model_io
+from spade_jax import models
+
+DONTCARE_VALUE = 255
+
+
+class Synthesizer:
+  """The generator in eval mode, with input checks.
+
+  Attributes:
+    config: the model's config (reference option names).
+    image_size: (H, W) the generator produces and the label maps must have.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, variables: Dict):
+    if 'generator' not in variables:
+      raise ValueError('The model variables hold no generator.')
+    self.config = config
+    self.image_size = models.output_size(config)
+    self._generator = models.make_generator(config)
+    self._g_vars = variables['generator']
+    self._encoder = None
+    if config.use_vae and 'encoder' in variables:
+      self._encoder = models.make_encoder(config)
+      self._e_vars = variables['encoder']
+    self._generate = jax.jit(self._generate_fn)
+    self._encode = jax.jit(self._encode_fn)
+
+  @classmethod
+  def load(cls, model_dir: str) -> 'Synthesizer':
+    """Loads a model folder written by `convert` or `export`."""
+    config, variables = model_io.load_model(model_dir)
+    return cls(config, variables)
+
+  @property
+  def num_classes(self) -> int:
+    return models.num_classes(self.config)
+
+  # -------------------------------------------------------------------------
+  def _generate_fn(self, g_vars, label, instance, z):
+    edges = None if instance is None else layers.instance_edges(instance)
+    return self._generator.apply(g_vars, label, edges, z=z, train=False)
+
+  def _encode_fn(self, e_vars, image, rng):
+    mu, logvar = self._encoder.apply(e_vars, image, train=False)
+    return mu + jax.random.normal(rng, mu.shape) * jnp.exp(0.5 * logvar)
+
+  def __call__(self, labels, instances=None, z=None, style_images=None,
+               rng: Optional[jax.Array] = None) -> np.ndarray:
+    """Generates images from integer label maps.
+
+    Args:
+      labels: (N, H, W) integer class ids 0..label_nc-1; when the model has a
+        don't-care class, label_nc or 255 mean don't-care.
+      instances: (N, H, W) integer instance ids; required unless the model was
+        trained with no_instance.
+      z: (N, z_dim) latent codes (VAE models only).
+      style_images: (N, H, W, 3) float images in [-1, 1] whose style the VAE
+        encoder extracts (VAE models with an encoder only).
+      rng: PRNG key for sampling z (VAE models); defaults to PRNGKey(0).
+
+    Returns:
+      (N, H, W, 3) float32 images in [-1, 1].
+    """
+    labels = self._check_labels(labels)
+    n = labels.shape[0]
+    instances = self._check_instances(instances, labels.shape)
+    z = self._latent(z, style_images, n, rng)
+    out = self._generate(self._g_vars, labels, instances, z)
+    return np.asarray(out, np.float32)
+
+  # -------------------------------------------------------------------------
+  def _check_labels(self, labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+      raise ValueError(f'labels has shape {labels.shape}: expected a batch '
+                       '(N, H, W); add a leading axis for one map.')
+    if labels.ndim != 3 or tuple(labels.shape[1:]) != self.image_size:
+      raise ValueError(
+          f'labels has shape {labels.shape}: this model takes (N, '
+          f'{self.image_size[0]}, {self.image_size[1]}) label maps.')
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f'labels has dtype {labels.dtype}: expected integer '
+                       'class ids.')
+    label_nc = self.config.label_nc
+    labels = labels.astype(np.int32)
+    if self.config.contain_dontcare_label:
+      labels = np.where(labels == DONTCARE_VALUE, label_nc, labels)
+      top = label_nc
+    else:
+      top = label_nc - 1
+    bad = (labels < 0) | (labels > top)
+    if bad.any():
+      values = np.unique(labels[bad])[:10].tolist()
+      allowed = f'0..{label_nc - 1}' + (
+          f' or {label_nc}/255 (don\'t-care)'
+          if self.config.contain_dontcare_label else '')
+      raise ValueError(f'labels hold class ids {values} outside this '
+                       f'model\'s range {allowed}.')
+    return labels
+
+  def _check_instances(self, instances, shape):
+    if self.config.no_instance:
+      return None
+    if instances is None:
+      raise ValueError('This model uses instance maps (no_instance=False): '
+                       'pass instances=(N, H, W) integer instance ids (use '
+                       'the label map itself when there are no instances).')
+    instances = np.asarray(instances)
+    if instances.shape != shape:
+      raise ValueError(f'instances has shape {instances.shape}; the labels '
+                       f'have {shape}.')
+    if not np.issubdtype(instances.dtype, np.integer):
+      raise ValueError(f'instances has dtype {instances.dtype}: expected '
+                       'integer instance ids.')
+    return instances.astype(np.int32)
+
+  def _latent(self, z, style_images, n, rng):
+    if not self.config.use_vae:
+      if z is not None or style_images is not None:
+        raise ValueError('This model has no VAE (use_vae=False): z and '
+                         'style_images are not used.')
+      return None
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if z is not None and style_images is not None:
+      raise ValueError('Pass z or style_images, not both.')
+    if style_images is not None:
+      if self._encoder is None:
+        raise ValueError('This model folder has no encoder: style images '
+                         'need one.')
+      style_images = np.asarray(style_images, np.float32)
+      if style_images.shape != (n,) + self.image_size + (3,):
+        raise ValueError(f'style_images has shape {style_images.shape}: '
+                         f'expected {(n,) + self.image_size + (3,)}.')
+      return self._encode(self._e_vars, style_images, rng)
+    if z is None:
+      return jax.random.normal(rng, (n, self.config.z_dim))
+    z = np.asarray(z, np.float32)
+    if z.shape != (n, self.config.z_dim):
+      raise ValueError(f'z has shape {z.shape}: expected '
+                       f'{(n, self.config.z_dim)}.')
+    return z
