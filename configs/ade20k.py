@@ -1,0 +1,31 @@
+"""ADE20K with the paper's settings (150 classes; 0 "other" -> don't-care).
+
+  python -m data_pipelines.build --dataset ade20k --manual_dir SRC --data_dir DATA
+  python -m spade_jax.main --config configs/ade20k.py --workdir DIR \
+      --config.data_dir=DATA --config.vgg_weights=vgg19-dcbb9e9d.pth
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = 'ade20k'
+  config.label_nc = 150
+  config.contain_dontcare_label = True
+  config.no_instance = True
+  config.preprocess_mode = 'resize_and_crop'
+  config.load_size = 286
+  config.crop_size = 256
+  config.aspect_ratio = 1.0
+  config.ngf = 64
+  config.ndf = 64
+  config.lambda_vgg = 10.0
+  # Paper: batch 32 on 8 GPUs, 200 epochs (100 constant, 100 linear decay).
+  config.batch_size = 32
+  config.niter = 100
+  config.niter_decay = 100
+  config.num_train_steps = -1  # From the epochs.
+  config.log_every_steps = 100
+  config.image_every_steps = 2000
+  config.checkpoint_every_steps = 2000
+  return config
