@@ -1,0 +1,305 @@
+r"""Exports a trained (or converted) generator for inference.
+
+  python -m spade_jax.export --workdir DIR [--step N] --output OUT
+  python -m spade_jax.export --model CONVERTED --output OUT
+
+`--workdir` is a training folder (its `config.json` and `checkpoints/`); it
+may also be a model folder, as `--model` is (e.g. written by
+`spade_jax.convert`). OUT is a model folder (see `model_io.py`) holding the
+generator's inference variables: parameters, BatchNorm running statistics and
+spectral-norm state; the EMA parameters when training kept them (unless
+--use_ema=false); the VAE encoder for style images. `Synthesizer.load(OUT)`
+reads it. Beside it:
+
+  OUT/generator.jax_export       a serialized `jax.export` module of the
+                                 generator in eval mode, weights included,
+                                 for a fixed batch and label-map size
+                                 (--batch_size, --height, --width)
+  OUT/generator_signature.json   its inputs and output (names, shapes, dtypes)
+
+The module needs only JAX to run, not spade_jax:
+
+  import json, numpy as np
+  from jax import export
+  with open('OUT/generator.jax_export', 'rb') as f:
+    gen = export.deserialize(bytearray(f.read()))
+  images = gen.call(label, instance)   # inputs as in the signature file
+
+Inputs are the raw label ids (int32 (B, H, W); 255 is don't-care when the
+model has that class), the instance ids (int32 (B, H, W), unless the model
+uses none) and, for VAE models, z (float32 (B, z_dim)). Label maps of another
+size than the model's are resized inside the module like the data pipeline
+resizes them (PIL nearest), and instance edges are computed inside. The
+output is float32 (B, H', W', 3) in [-1, 1] at the model's size.
+"""
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spade_jax import layers
+from spade_jax import model_io
+from spade_jax import models
+
+EXPORT_FILE = 'generator.jax_export'
+SIGNATURE_FILE = 'generator_signature.json'
+CHECKPOINTS_DIR = 'checkpoints'
+DONTCARE_VALUE = 255
+
+
+# ---------------------------------------------------------------------------
+# Reading inference variables from a training workdir or a model folder.
+# ---------------------------------------------------------------------------
+def is_model_folder(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, model_io.VARIABLES_DIR)) and (
+      os.path.isfile(os.path.join(path, model_io.CONFIG_FILE)))
+
+
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in its workdir."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} not found: {workdir} is neither a training workdir (written '
+        'by `python -m spade_jax.main`) nor a model folder (written by '
+        '`spade_jax.convert` or `spade_jax.export`).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _abstract_train_state(config):
+  """Shapes/dtypes of the TrainState a run with `config` checkpoints."""
+  from spade_jax import train  # pylint: disable=g-import-not-at-top
+  tx_g, tx_d, _, _ = train.make_optimizers(config, steps_per_epoch=1)
+  abstract = jax.eval_shape(lambda: train.create_train_state(
+      config, jax.random.PRNGKey(0), tx_g, tx_d))
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      abstract)
+
+
+def restore_train_state(workdir: str, config: ml_collections.ConfigDict,
+                        step: Optional[int] = None):
+  """(TrainState, step) of checkpoint `step` (default the latest)."""
+  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{workdir} has no {CHECKPOINTS_DIR}/ folder: no '
+                            'training checkpoint to read.')
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(ckpt_dir, options=options) as mngr:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f'{ckpt_dir} holds no checkpoint.')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f'No checkpoint at step {step} in {ckpt_dir}; it has '
+                       f'steps {steps}.')
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract_train_state(config))))
+  return restored['state'], int(step)
+
+
+def inference_variables(state, use_ema: bool = True) -> Dict:
+  """The generator's (and encoder's) eval-mode variables from a TrainState."""
+  params = state.g_params['generator']
+  if use_ema and state.ema_params is not None:
+    params = state.ema_params
+  out = {'generator': {'params': params,
+                       'batch_stats': state.g_stats['generator']}}
+  if 'encoder' in state.g_params:
+    out['encoder'] = {'params': state.g_params['encoder'],
+                      'batch_stats': state.g_stats['encoder']}
+  return jax.tree_util.tree_map(np.asarray, out)
+
+
+def load_inference_variables(
+    path: str, step: Optional[int] = None, use_ema: bool = True,
+    config: Optional[ml_collections.ConfigDict] = None
+) -> Tuple[ml_collections.ConfigDict, Dict, Optional[int]]:
+  """(config, {'generator', 'encoder'?}, step) of a workdir or model folder.
+
+  Args:
+    path: a training workdir or a model folder.
+    step: checkpoint step of a workdir (default the latest).
+    use_ema: take the EMA generator parameters when training kept them.
+    config: the run's config (default: the workdir's config.json).
+  """
+  if is_model_folder(path):
+    if step is not None:
+      raise ValueError(f'{path} is a model folder: it has no steps '
+                       '(--step applies to training workdirs).')
+    model_config, variables = model_io.load_model(path)
+    if 'generator' not in variables:
+      raise ValueError(f'The model folder {path} holds no generator.')
+    keep = ('generator', 'encoder')
+    return model_config, {k: v for k, v in variables.items() if k in keep}, None
+  config = config if config is not None else workdir_config(path)
+  state, step = restore_train_state(path, config, step)
+  return config, inference_variables(state, use_ema), step
+
+
+# ---------------------------------------------------------------------------
+# The jax.export module.
+# ---------------------------------------------------------------------------
+def pil_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """PIL NEAREST source indices, as the data pipeline resizes label maps."""
+  step = in_size / out_size
+  steps = np.full(out_size, step, np.float64)
+  steps[0] = step * 0.5
+  return np.minimum(np.cumsum(steps).astype(np.int64), in_size - 1)
+
+
+def input_signature(config, batch_size: int, height: int, width: int
+                    ) -> Sequence[Tuple[str, Tuple[int, ...], str]]:
+  """(name, shape, dtype) of the exported module's inputs, in call order."""
+  inputs = [('label', (batch_size, height, width), 'int32')]
+  if not config.no_instance:
+    inputs.append(('instance', (batch_size, height, width), 'int32'))
+  if config.use_vae and config.netG == 'spade':
+    inputs.append(('z', (batch_size, config.z_dim), 'float32'))
+  return inputs
+
+
+def make_inference_fn(config, g_vars, height: int, width: int):
+  """f(label, [instance], [z]) -> images, with the variables baked in."""
+  gen = models.make_generator(config)
+  out_h, out_w = models.output_size(config)
+  g_vars = jax.tree_util.tree_map(jnp.asarray, g_vars)
+  rows = pil_nearest_indices(height, out_h)
+  cols = pil_nearest_indices(width, out_w)
+  resize = (height, width) != (out_h, out_w)
+  use_vae = config.use_vae and config.netG == 'spade'
+
+  def fn(*args):
+    args = list(args)
+    label = args.pop(0)
+    if config.contain_dontcare_label:
+      label = jnp.where(label == DONTCARE_VALUE, config.label_nc, label)
+    if resize:
+      label = label[:, rows][:, :, cols]
+    edges = None
+    if not config.no_instance:
+      instance = args.pop(0)
+      if resize:
+        instance = instance[:, rows][:, :, cols]
+      edges = layers.instance_edges(instance)
+    z = args.pop(0) if use_vae else None
+    return gen.apply(g_vars, label, edges, z=z, train=False)
+  return fn
+
+
+def export_generator(config, g_vars, batch_size: int = 1,
+                     size: Optional[Tuple[int, int]] = None,
+                     platforms: Optional[Sequence[str]] = None
+                     ) -> Tuple[bytes, Dict]:
+  """Serializes the eval-mode generator: (module bytes, signature dict)."""
+  height, width = size or models.output_size(config)
+  inputs = input_signature(config, batch_size, height, width)
+  fn = make_inference_fn(config, g_vars, height, width)
+  specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+           for _, shape, dtype in inputs]
+  exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+  out_h, out_w = models.output_size(config)
+  signature = {
+      'inputs': [{'name': n, 'shape': list(s), 'dtype': d}
+                 for n, s, d in inputs],
+      'output': {'name': 'image', 'shape': [batch_size, out_h, out_w, 3],
+                 'dtype': 'float32', 'range': [-1.0, 1.0]},
+      'platforms': list(exported.platforms),
+      'label_nc': int(config.label_nc),
+      'contain_dontcare_label': bool(config.contain_dontcare_label),
+      'dontcare_value': DONTCARE_VALUE,
+  }
+  return bytes(exported.serialize()), signature
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def export(source: str, output: str, *, step: Optional[int] = None,
+           use_ema: bool = True, batch_size: int = 1,
+           size: Optional[Tuple[int, int]] = None,
+           platforms: Optional[Sequence[str]] = None,
+           with_jax_export: bool = True) -> ml_collections.ConfigDict:
+  """Writes the model folder OUT (and the jax.export module); returns config."""
+  if os.path.abspath(source) == os.path.abspath(output):
+    raise ValueError('--output must differ from the source folder.')
+  config, variables, step = load_inference_variables(source, step, use_ema)
+  model_io.save_model(output, config, variables)
+  if with_jax_export:
+    module, signature = export_generator(config, variables['generator'],
+                                         batch_size, size, platforms)
+    signature['source'] = os.path.basename(os.path.abspath(source))
+    signature['step'] = step
+    _write_atomic(os.path.join(output, EXPORT_FILE), module)
+    _write_atomic(os.path.join(output, SIGNATURE_FILE),
+                  json.dumps(signature, indent=1).encode())
+  logging.info('Exported %s%s to %s', source,
+               '' if step is None else f' (step {step})', output)
+  return config
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (or a model folder).')
+  flags.DEFINE_string('model', None,
+                      'A model folder (e.g. from spade_jax.convert) to export '
+                      'instead of a workdir.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('output', None, 'Model folder to write.')
+  flags.DEFINE_bool('use_ema', True,
+                    'Export the EMA generator weights when training kept them.')
+  flags.DEFINE_integer('batch_size', 1, 'Batch size of the jax.export module.')
+  flags.DEFINE_integer('height', 0, 'Label-map height of the jax.export module '
+                       '(0: the model\'s image height).')
+  flags.DEFINE_integer('width', 0, 'Label-map width of the jax.export module '
+                       '(0: the model\'s image width).')
+  flags.DEFINE_list('platforms', ['cpu', 'cuda'],
+                    'Platforms the jax.export module runs on (cpu, cuda, rocm, '
+                    'tpu).')
+  flags.DEFINE_bool('jax_export', True, 'Also write the jax.export module.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if bool(FLAGS.workdir) == bool(FLAGS.model):
+    raise app.UsageError('Pass exactly one of --workdir and --model.')
+  if FLAGS.batch_size < 1:
+    raise app.UsageError('--batch_size must be positive.')
+  source = FLAGS.workdir or FLAGS.model
+  size = None
+  if FLAGS.height or FLAGS.width:
+    config = (model_io.load_config(source) if is_model_folder(source)
+              else workdir_config(source))
+    out_h, out_w = models.output_size(config)
+    size = (FLAGS.height or out_h, FLAGS.width or out_w)
+  config = export(source, FLAGS.output, step=FLAGS.step,
+                  use_ema=FLAGS.use_ema, batch_size=FLAGS.batch_size,
+                  size=size, platforms=FLAGS.platforms,
+                  with_jax_export=FLAGS.jax_export)
+  print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='
+        f'{config.label_nc}, image {models.output_size(config)}).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  flags.mark_flags_as_required(['output'])
+  app.run(main)
