@@ -26,7 +26,9 @@ class Synthesizer:
     image_size: (H, W) the generator produces and the label maps must have.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: Dict):
+  def __init__(self, config: ml_collections.ConfigDict, variables: Dict,
+               compiler_options: Optional[Dict] = None):
+    """Builds the networks; `compiler_options` go to `jax.jit` (XLA)."""
     if 'generator' not in variables:
       raise ValueError('The model variables hold no generator.')
     self.config = config
@@ -37,14 +39,16 @@ class Synthesizer:
     if config.use_vae and 'encoder' in variables:
       self._encoder = models.make_encoder(config)
       self._e_vars = variables['encoder']
-    self._generate = jax.jit(self._generate_fn)
-    self._encode = jax.jit(self._encode_fn)
+    self._generate = jax.jit(self._generate_fn,
+                             compiler_options=compiler_options)
+    self._encode = jax.jit(self._encode_fn, compiler_options=compiler_options)
 
   @classmethod
-  def load(cls, model_dir: str) -> 'Synthesizer':
+  def load(cls, model_dir: str,
+           compiler_options: Optional[Dict] = None) -> 'Synthesizer':
     """Loads a model folder written by `convert` or `export`."""
     config, variables = model_io.load_model(model_dir)
-    return cls(config, variables)
+    return cls(config, variables, compiler_options)
 
   @property
   def num_classes(self) -> int:
@@ -55,9 +59,39 @@ class Synthesizer:
     edges = None if instance is None else layers.instance_edges(instance)
     return self._generator.apply(g_vars, label, edges, z=z, train=False)
 
-  def _encode_fn(self, e_vars, image, rng):
-    mu, logvar = self._encoder.apply(e_vars, image, train=False)
-    return mu + jax.random.normal(rng, mu.shape) * jnp.exp(0.5 * logvar)
+  def _encode_fn(self, e_vars, image):
+    return self._encoder.apply(e_vars, image, train=False)
+
+  def encode(self, style_images, rng: Optional[jax.Array] = None,
+             sample: bool = True) -> np.ndarray:
+    """Style codes of images through the VAE encoder (eval mode).
+
+    Args:
+      style_images: (N, H, W, 3) float images in [-1, 1], H and W the model's.
+      rng: PRNG key for the sample; defaults to PRNGKey(0).
+      sample: draw z = mu + exp(logvar / 2) * N(0, 1) like the reference;
+        False returns the mean mu.
+
+    Returns:
+      (N, z_dim) float32 latent codes, to pass as `z`.
+    """
+    if self._encoder is None:
+      raise ValueError('This model folder has no encoder (use_vae='
+                       f'{self.config.use_vae}): style images need one.')
+    style_images = np.asarray(style_images)
+    want = self.image_size + (3,)
+    if style_images.ndim != 4 or tuple(style_images.shape[1:]) != want:
+      raise ValueError(f'style_images has shape {style_images.shape}: '
+                       f'expected (N, {want[0]}, {want[1]}, 3).')
+    if not np.issubdtype(style_images.dtype, np.floating):
+      raise ValueError(f'style_images has dtype {style_images.dtype}: '
+                       'expected float images in [-1, 1].')
+    mu, logvar = self._encode(self._e_vars, style_images.astype(np.float32))
+    if not sample:
+      return np.asarray(mu, np.float32)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    z = mu + jax.random.normal(rng, mu.shape) * jnp.exp(0.5 * logvar)
+    return np.asarray(z, np.float32)
 
   def __call__(self, labels, instances=None, z=None, style_images=None,
                rng: Optional[jax.Array] = None) -> np.ndarray:
@@ -97,7 +131,8 @@ class Synthesizer:
       raise ValueError(f'labels has dtype {labels.dtype}: expected integer '
                        'class ids.')
     label_nc = self.config.label_nc
-    labels = labels.astype(np.int32)
+    # Checked before the cast to int32, which would wrap large ids.
+    labels = labels.astype(np.int64)
     if self.config.contain_dontcare_label:
       labels = np.where(labels == DONTCARE_VALUE, label_nc, labels)
       top = label_nc
@@ -111,7 +146,7 @@ class Synthesizer:
           if self.config.contain_dontcare_label else '')
       raise ValueError(f'labels hold class ids {values} outside this '
                        f'model\'s range {allowed}.')
-    return labels
+    return labels.astype(np.int32)
 
   def _check_instances(self, instances, shape):
     if self.config.no_instance:
@@ -139,14 +174,11 @@ class Synthesizer:
     if z is not None and style_images is not None:
       raise ValueError('Pass z or style_images, not both.')
     if style_images is not None:
-      if self._encoder is None:
-        raise ValueError('This model folder has no encoder: style images '
-                         'need one.')
-      style_images = np.asarray(style_images, np.float32)
-      if style_images.shape != (n,) + self.image_size + (3,):
-        raise ValueError(f'style_images has shape {style_images.shape}: '
-                         f'expected {(n,) + self.image_size + (3,)}.')
-      return self._encode(self._e_vars, style_images, rng)
+      z = self.encode(style_images, rng)
+      if z.shape[0] != n:
+        raise ValueError(f'style_images has {z.shape[0]} images for {n} '
+                         'label maps.')
+      return z
     if z is None:
       return jax.random.normal(rng, (n, self.config.z_dim))
     z = np.asarray(z, np.float32)
