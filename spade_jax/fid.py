@@ -19,6 +19,7 @@ same spectrum as S1 S2. Two symmetric eigen-decompositions (numpy only) make
 this exact for singular covariances too, where a general matrix square root
 of S1 S2 would need the usual epsilon regularisation.
 """
+import functools
 from typing import Dict, Tuple
 
 import jax
@@ -36,6 +37,12 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(resize_to: int):
+  """One jitted network per input size, shared by all extractors."""
+  return jax.jit(inception.FIDInceptionV3(resize_to=resize_to).apply)
+
+
 class FeatureExtractor:
   """Jitted FID Inception pool features, for batches of any size.
 
@@ -47,8 +54,7 @@ class FeatureExtractor:
                resize_to: int = inception.INPUT_SIZE):
     self.batch_size = int(batch_size)
     self._variables = jax.tree_util.tree_map(jnp.asarray, variables)
-    net = inception.FIDInceptionV3(resize_to=resize_to)
-    self._apply = jax.jit(net.apply)
+    self._apply = _jitted_apply(int(resize_to))
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 or [0, 1] float images -> (N, 2048) float64."""
