@@ -87,4 +87,11 @@ def get_config():
   # A converted reference checkpoint to start from (spade_jax.convert output).
   config.init_from = ''
 
+  # ---- Evaluation (--mode eval: FID) -----------------------------------------
+  # pytorch-fid's Inception-v3 weights, `pt_inception-2015-12-05-6726825d.pth`
+  # (or an .npz made from it with `python -m spade_jax.inception IN OUT.npz`).
+  config.inception_weights = ''
+  # Images of config.eval_split used for FID (0: all of them).
+  config.fid_num_images = 0
+
   return config

@@ -5,6 +5,7 @@ Config overrides: `--config.batch_size=16 --config.ngf=32`. Multi-host: pass
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -17,7 +18,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints and TensorBoard.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                   'train: train (resuming if the workdir has checkpoints); '
-                  'eval: evaluate the latest checkpoint.')
+                  'eval: FID of the latest checkpoint (needs '
+                  '--config.inception_weights).')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-host training.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
@@ -52,11 +54,15 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  from spade_jax import train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'train':
+    from spade_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate(FLAGS.config, FLAGS.workdir)
+    from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
+    try:
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    except FileNotFoundError as e:  # Missing weights or checkpoints.
+      sys.exit(f'ERROR: {e}')
 
 
 if __name__ == '__main__':
