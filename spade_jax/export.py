@@ -14,7 +14,8 @@ reads it. Beside it:
   OUT/generator.jax_export       a serialized `jax.export` module of the
                                  generator in eval mode, weights included,
                                  for a fixed batch and label-map size
-                                 (--batch_size, --height, --width)
+                                 (--batch_size, --height, --width), float32
+                                 matrix products (--matmul_precision)
   OUT/generator_signature.json   its inputs and output (names, shapes, dtypes)
 
 The module needs only JAX to run, not spade_jax:
@@ -30,7 +31,8 @@ model has that class), the instance ids (int32 (B, H, W), unless the model
 uses none) and, for VAE models, z (float32 (B, z_dim)). Label maps of another
 size than the model's are resized inside the module like the data pipeline
 resizes them (PIL nearest), and instance edges are computed inside. The
-output is float32 (B, H', W', 3) in [-1, 1] at the model's size.
+output is float32 (B, H', W', 3) in [-1, 1] at the model's size. The module
+runs on the platforms named by --platforms (default cpu and cuda).
 """
 import json
 import os
@@ -200,15 +202,21 @@ def make_inference_fn(config, g_vars, height: int, width: int):
 
 def export_generator(config, g_vars, batch_size: int = 1,
                      size: Optional[Tuple[int, int]] = None,
-                     platforms: Optional[Sequence[str]] = None
-                     ) -> Tuple[bytes, Dict]:
-  """Serializes the eval-mode generator: (module bytes, signature dict)."""
+                     platforms: Optional[Sequence[str]] = None,
+                     precision: str = 'highest') -> Tuple[bytes, Dict]:
+  """Serializes the eval-mode generator: (module bytes, signature dict).
+
+  `precision` is the matrix-product precision baked into the module:
+  'highest' gives float32 results on every platform (on GPUs 'default'
+  allows TF32, faster but some pixels then differ from CPU outputs).
+  """
   height, width = size or models.output_size(config)
   inputs = input_signature(config, batch_size, height, width)
   fn = make_inference_fn(config, g_vars, height, width)
   specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
            for _, shape, dtype in inputs]
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+  with jax.default_matmul_precision(precision):
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
   out_h, out_w = models.output_size(config)
   signature = {
       'inputs': [{'name': n, 'shape': list(s), 'dtype': d}
@@ -216,6 +224,7 @@ def export_generator(config, g_vars, batch_size: int = 1,
       'output': {'name': 'image', 'shape': [batch_size, out_h, out_w, 3],
                  'dtype': 'float32', 'range': [-1.0, 1.0]},
       'platforms': list(exported.platforms),
+      'matmul_precision': precision,
       'label_nc': int(config.label_nc),
       'contain_dontcare_label': bool(config.contain_dontcare_label),
       'dontcare_value': DONTCARE_VALUE,
@@ -234,6 +243,7 @@ def export(source: str, output: str, *, step: Optional[int] = None,
            use_ema: bool = True, batch_size: int = 1,
            size: Optional[Tuple[int, int]] = None,
            platforms: Optional[Sequence[str]] = None,
+           precision: str = 'highest',
            with_jax_export: bool = True) -> ml_collections.ConfigDict:
   """Writes the model folder OUT (and the jax.export module); returns config."""
   if os.path.abspath(source) == os.path.abspath(output):
@@ -242,7 +252,8 @@ def export(source: str, output: str, *, step: Optional[int] = None,
   model_io.save_model(output, config, variables)
   if with_jax_export:
     module, signature = export_generator(config, variables['generator'],
-                                         batch_size, size, platforms)
+                                         batch_size, size, platforms,
+                                         precision)
     signature['source'] = os.path.basename(os.path.abspath(source))
     signature['step'] = step
     _write_atomic(os.path.join(output, EXPORT_FILE), module)
@@ -274,6 +285,11 @@ def define_flags() -> None:
   flags.DEFINE_list('platforms', ['cpu', 'cuda'],
                     'Platforms the jax.export module runs on (cpu, cuda, rocm, '
                     'tpu).')
+  flags.DEFINE_enum('matmul_precision', 'highest',
+                    ['highest', 'high', 'default'],
+                    'Matrix-product precision of the jax.export module: '
+                    'highest = float32 everywhere; default lets GPUs use TF32 '
+                    '(faster, some pixels differ).')
   flags.DEFINE_bool('jax_export', True, 'Also write the jax.export module.')
 
 
@@ -294,6 +310,7 @@ def main(argv):
   config = export(source, FLAGS.output, step=FLAGS.step,
                   use_ema=FLAGS.use_ema, batch_size=FLAGS.batch_size,
                   size=size, platforms=FLAGS.platforms,
+                  precision=FLAGS.matmul_precision,
                   with_jax_export=FLAGS.jax_export)
   print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='
         f'{config.label_nc}, image {models.output_size(config)}).')

@@ -176,6 +176,7 @@ def test_signature_file(exported):
   assert sig['inputs'][0]['shape'] == [2, h, w]
   assert sig['output']['shape'] == [2, h, w, 3]
   assert sig['platforms'] == ['cpu']
+  assert sig['matmul_precision'] == 'highest'
   assert sig['step'] == 3
 
 
