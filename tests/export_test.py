@@ -229,3 +229,26 @@ def test_cli(exported, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.isfile(os.path.join(out, export.EXPORT_FILE))
   assert os.path.isfile(os.path.join(out, model_io.CONFIG_FILE))
+
+
+def test_converted_reference_checkpoint_exports(reference_dir, tmp_path):
+  """The shared reference checkpoint: convert, export, match PyTorch."""
+  from spade_jax import convert  # pylint: disable=g-import-not-at-top
+  converted = str(tmp_path / 'converted')
+  convert.convert(str(reference_dir), str(reference_dir / 'opt.json'),
+                  converted)
+  io = np.load(reference_dir / 'io.npz')
+  want = io['G_eval'].transpose(0, 2, 3, 1)
+  n = len(io['label'])
+  out = str(tmp_path / 'exported')
+  export.export(converted, out, batch_size=n, platforms=['cpu'])
+  _, variables = model_io.load_model(out)
+  assert sorted(variables) == ['generator']  # No discriminator.
+  scale = np.abs(want).max()
+  got = Synthesizer.load(out)(io['label'], io['instance'])
+  assert np.abs(got - want).max() / scale < 1e-4
+  with open(os.path.join(out, export.EXPORT_FILE), 'rb') as f:
+    module = jax.export.deserialize(bytearray(f.read()))
+  got = np.asarray(module.call(io['label'].astype(np.int32),
+                               io['instance'].astype(np.int32)))
+  assert np.abs(got - want).max() / scale < 1e-4
