@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from configs import default as default_config
 from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
@@ -66,7 +67,11 @@ def is_model_folder(path: str) -> bool:
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in its workdir."""
+  """The config a training run saved in its workdir.
+
+  Keys added to the default config since the run started take their default
+  values, so older runs still export.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -74,7 +79,17 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
         'by `python -m spade_jax.main`) nor a model folder (written by '
         '`spade_jax.convert` or `spade_jax.export`).')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = default_config.get_config()
+  with config.unlocked():
+    for key, value in saved.items():
+      if key in config and isinstance(config[key], float) and isinstance(
+          value, int) and not isinstance(value, bool):
+        value = float(value)
+      if key in config and not isinstance(value, type(config[key])):
+        config[key] = None  # A type the default does not have: take it.
+      config[key] = value
+  return config
 
 
 def _abstract_train_state(config):
