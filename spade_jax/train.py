@@ -180,8 +180,15 @@ def create_train_state(config, rng, tx_g, tx_d) -> TrainState:
       step=jnp.zeros((), jnp.int32), g_params=g_params, g_stats=g_stats,
       d_params=d_vars['params'], d_stats=d_vars.get('batch_stats', {}),
       g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_vars['params']),
-      ema_params=(g_params['generator'] if config.ema_decay > 0 else None),
+      ema_params=(_copy(g_params['generator']) if config.ema_decay > 0
+                  else None),
       rng=rng)
+
+
+def _copy(tree):
+  # Own buffers: the train step donates the state, which must not hold the
+  # same buffer twice.
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
@@ -212,7 +219,7 @@ def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
   return state.replace(
       g_params=g_params, g_stats=g_stats, d_params=d_params, d_stats=d_stats,
       g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_params),
-      ema_params=(g_params['generator'] if state.ema_params is not None
+      ema_params=(_copy(g_params['generator']) if state.ema_params is not None
                   else None))
 
 
@@ -348,10 +355,16 @@ def global_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
 # Evaluation-mode generation (samples, colour error).
 # ---------------------------------------------------------------------------
 def generator_variables(state: TrainState, use_ema: bool = True) -> Dict:
+  """The generator's inference variables (EMA weights when kept), on host."""
   params = state.g_params['generator']
   if use_ema and state.ema_params is not None:
     params = state.ema_params
-  return {'params': params, 'batch_stats': state.g_stats['generator']}
+  # Replicated global arrays -> this process's copy, so that evaluation runs
+  # on local devices only (also with several processes).
+  local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(
+      x, jax.Array) else np.asarray(x)
+  return jax.tree_util.tree_map(
+      local, {'params': params, 'batch_stats': state.g_stats['generator']})
 
 
 def make_generate_fn(config):
@@ -512,11 +525,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = jax.device_put(state, replicated)
   vgg_params = jax.device_put(vgg_params, replicated)
   step_fn = compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d)
+  # Samples and the colour error: process 0 alone, on its local devices.
+  chief = jax.process_index() == 0
   generate = make_generate_fn(config)
-  eval_batches = list(input_pipeline.numpy_batches(input_pipeline.create_split(
-      config, data_dir, config.eval_split, train=False,
-      process_index=0, process_count=1)))
-  sample_batch = {k: v[:8] for k, v in eval_batches[0].items()}
+  if chief:
+    eval_batches = list(input_pipeline.numpy_batches(
+        input_pipeline.create_split(config, data_dir, config.eval_split,
+                                    train=False, process_index=0,
+                                    process_count=1)))
+    sample_batch = {k: v[:8] for k, v in eval_batches[0].items()}
+
+  def write_samples_and_error(step):
+    if not chief:
+      return
+    g_vars = generator_variables(state)
+    if step:
+      writer.write_images(step, {'samples': sample_grid(
+          config, generate, g_vars, sample_batch, info.colors)})
+    err = evaluate_color_error(generate, g_vars, eval_batches,
+                               models.num_classes(config))
+    writer.write_scalars(step, {'eval/class_color_error': err})
 
   start = int(jax.device_get(state.step))
   train_iter = input_pipeline.numpy_batches(input_pipeline.create_split(
@@ -527,9 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   last_log_time, last_log_step = time.time(), start
   with _StopRequest() as stop, metric_writers.ensure_flushes(writer):
     if start == 0:
-      err = evaluate_color_error(generate, generator_variables(state),
-                                 eval_batches, models.num_classes(config))
-      writer.write_scalars(0, {'eval/class_color_error': err})
+      write_samples_and_error(0)
     step = start
     while step < num_steps:
       batch = global_batch(next(train_iter), mesh)
@@ -553,12 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         writer.write_scalars(step, scalars)
         history, last_log_time, last_log_step = [], now, step
       if step % config.image_every_steps == 0 or is_last:
-        g_vars = generator_variables(state)
-        writer.write_images(step, {'samples': sample_grid(
-            config, generate, g_vars, sample_batch, info.colors)})
-        err = evaluate_color_error(generate, g_vars, eval_batches,
-                                   models.num_classes(config))
-        writer.write_scalars(step, {'eval/class_color_error': err})
+        write_samples_and_error(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop_now:
         if history:
           history = jax.device_get(history)

@@ -1,0 +1,483 @@
+"""Training: schedule, config checks, sharding, multi-host, resume, learning.
+
+The heavier checks run `python -m spade_jax.main` or a worker function of this
+file in subprocesses (8 simulated CPU devices, 2 processes with gloo
+collectives), sharing one small synthetic data set and a persistent
+compilation cache.
+"""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from data_pipelines import synthetic
+from spade_jax import train
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+
+# A tiny model on the default config's synthetic data.
+TINY = dict(crop_size=32, load_size=36, ngf=8, ndf=8, batch_size=4,
+            synthetic_num_train=64, synthetic_num_val=8, synthetic_size=48,
+            log_every_steps=2, image_every_steps=4, checkpoint_every_steps=4)
+
+
+def tiny_config(**changes):
+  config = default.get_config()
+  config.update({**TINY, **changes})
+  return config
+
+
+def _flags(values):
+  return [f'--config.{k}={v}' for k, v in values.items()]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('synthetic'))
+  synthetic.ensure_synthetic(path, TINY['synthetic_num_train'],
+                             TINY['synthetic_num_val'],
+                             TINY['synthetic_size'], seed=0)
+  return path
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """Environment of the subprocesses: CPU, a shared compilation cache."""
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  e = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+           PYTHONPATH=os.pathsep.join([REPO_DIR, TESTS_DIR] + [
+               p for p in [os.environ.get('PYTHONPATH')] if p]),
+           TF_CPP_MIN_LOG_LEVEL='2')
+  e.pop('XLA_FLAGS', None)
+  return e
+
+
+def _with_devices(env, n):
+  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+
+
+def _main_cmd(workdir, data_dir, **changes):
+  values = {**TINY, 'data_dir': data_dir, **changes}
+  return [sys.executable, '-m', 'spade_jax.main', '--config',
+          os.path.join(REPO_DIR, 'configs', 'default.py'), '--workdir',
+          str(workdir)] + _flags(values)
+
+
+def _run(cmd, env, timeout=600):
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO_DIR, check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc
+
+
+def _final_state(workdir, config):
+  """The state in the latest checkpoint of `workdir`, as numpy."""
+  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
+  state = train.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
+  mngr = train.checkpoint_manager(str(workdir), config)
+  step = mngr.latest_step()
+  state = train.restore_checkpoint(mngr, state, config)
+  mngr.close()
+  return step, jax.tree_util.tree_map(np.asarray, state)
+
+
+def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+  fa = jax.tree_util.tree_flatten_with_path(a)[0]
+  fb = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (path, x), (_, y) in zip(fa, fb):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------
+# Schedule and optimiser settings.
+# ---------------------------------------------------------------------------
+def test_lr_schedule_is_constant_then_linear_by_epoch():
+  sched = train.lr_schedule(1.0, steps_per_epoch=10, niter=2, niter_decay=4)
+  got = [float(sched(s)) for s in (0, 19, 20, 29, 30, 45, 59, 60, 100)]
+  # Epochs 0-1 at 1; epoch 2 -> 1 - 0/4; epoch 3 -> 0.75; 4 -> 0.5; 5 -> 0.25.
+  np.testing.assert_allclose(got, [1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
+  flat = train.lr_schedule(0.5, steps_per_epoch=10, niter=2, niter_decay=0)
+  assert float(flat(1000)) == 0.5
+
+
+def test_ttur_and_plain_adam_settings():
+  config = tiny_config(lr=2e-4)
+  assert train.learning_rates(config) == (1e-4, 4e-4, 0.0, 0.9)
+  config.no_TTUR, config.beta1, config.beta2 = True, 0.5, 0.999
+  assert train.learning_rates(config) == (2e-4, 2e-4, 0.5, 0.999)
+
+
+# ---------------------------------------------------------------------------
+# Config errors at start-up.
+# ---------------------------------------------------------------------------
+def test_crop_size_the_upsamplings_cannot_produce_is_rejected():
+  with pytest.raises(ValueError, match=r'crop_size=48.*multiple of 32'):
+    train.validate_config(tiny_config(crop_size=48))
+
+
+def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  with pytest.raises(ValueError, match=r'batch_size=4 .* 3 devices'):
+    train.validate_config(tiny_config())
+
+
+def test_vgg_loss_without_weights_says_how_to_get_them():
+  with pytest.raises(ValueError) as info:
+    train.validate_config(tiny_config(lambda_vgg=10.0))
+  message = str(info.value)
+  assert 'vgg_weights' in message and 'lambda_vgg=0' in message
+  assert 'vgg19' in message
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  config = tiny_config(dataset='coco_stuff', label_nc=182)
+  with pytest.raises(ValueError, match='data_dir'):
+    train.resolve_data_dir(config, str(tmp_path))
+  config.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(Exception, match='nowhere'):
+    train.resolve_data_dir(config, str(tmp_path))
+
+
+def test_unknown_gan_mode_is_rejected():
+  with pytest.raises(ValueError, match='gan_mode'):
+    train.validate_config(tiny_config(gan_mode='wasserstein-ish'))
+
+
+# ---------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------
+def _random_batch(config, seed=0):
+  rs = np.random.RandomState(seed)
+  b, s = config.batch_size, config.crop_size
+  return {'image': rs.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
+          'label': rs.randint(0, config.label_nc, (b, s, s)).astype(np.int32),
+          'instance_edges': (rs.rand(b, s, s) < 0.1).astype(np.float32)}
+
+
+def _run_steps(config, num_steps, batches=None, sgd_lr=None):
+  """`num_steps` of the compiled train step on the local devices."""
+  tx_g, tx_d, sched_g, sched_d = train.make_optimizers(config, 100)
+  if sgd_lr:
+    tx_g = tx_d = optax.sgd(sgd_lr)
+  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+                                   tx_g, tx_d)
+  mesh = train.make_mesh()
+  state = jax.device_put(state, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
+                                     sched_d)
+  history = []
+  for i in range(num_steps):
+    batch = batches[i] if batches else _random_batch(config, i)
+    state, metrics = step_fn(state, train.global_batch(batch, mesh), None)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def test_train_step_updates_both_networks_and_stats():
+  config = tiny_config()
+  tx_g, tx_d, _, _ = train.make_optimizers(config, 100)
+  init = jax.device_get(train.create_train_state(
+      config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
+  state, history = _run_steps(config, 2)
+  assert int(state.step) == 2
+  for key in ('G_GAN', 'G_GAN_Feat', 'D_Fake', 'D_real', 'G_total',
+              'D_total', 'lr_G', 'lr_D'):
+    assert np.isfinite(history[-1][key]), key
+  np.testing.assert_allclose(history[0]['lr_G'], 1e-4)
+  np.testing.assert_allclose(history[0]['lr_D'], 4e-4)
+  changed = lambda a, b: any(
+      not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                jax.tree_util.tree_leaves(b)))
+  assert changed(init.g_params, state.g_params)
+  assert changed(init.d_params, state.d_params)
+  # BatchNorm running statistics of the SPADE layers and the spectral-norm
+  # vectors moved.
+  g_stats = state.g_stats['generator']
+  bn = g_stats['head_0']['norm_0']['param_free_norm']['bn']
+  assert not np.allclose(bn['mean'], 0.0)
+  assert changed(init.g_stats, state.g_stats)
+  assert changed(init.d_stats, state.d_stats)
+
+
+def test_vae_and_ema_train_step():
+  # The reference encoder needs crop_size >= 256 for its fc layers, ours is
+  # size-agnostic only at its own resolution: use the smallest legal model.
+  config = tiny_config(use_vae=True, ema_decay=0.9, z_dim=8)
+  state, history = _run_steps(config, 1)
+  assert np.isfinite(history[0]['KLD']) and history[0]['KLD'] > 0
+  assert 'encoder' in state.g_params
+  # EMA after one step: 0.9 * init + 0.1 * updated.
+  tx_g, tx_d, _, _ = train.make_optimizers(config, 100)
+  init = jax.device_get(train.create_train_state(
+      config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
+  want = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 0.1 * b,
+                                init.g_params['generator'],
+                                state.g_params['generator'])
+  _assert_trees_equal(state.ema_params, want, rtol=1e-5, atol=1e-7)
+
+
+def _sharding_worker(out_path):
+  """Two train steps on fixed global batches; saves state and metrics.
+
+  Plain SGD: Adam divides each gradient by its own magnitude, so gradients
+  that are zero up to rounding (biases in front of a BatchNorm) turn into
+  +-lr steps whose sign is rounding noise; SGD keeps the comparison about the
+  sharded computation itself.
+  """
+  # Crop 64: at crop 32 the generator starts from 1x1 maps, whose batch
+  # statistics over 8 values make backpropagation ill-conditioned enough to
+  # turn rounding into visible differences.
+  config = tiny_config(batch_size=8, crop_size=64, load_size=72)
+  state, history = _run_steps(config, 2, sgd_lr=0.01)
+  tx = optax.sgd(0.01)
+  init = train.create_train_state(config, jax.random.PRNGKey(config.seed), tx,
+                                  tx)
+  arrays = {}
+  for prefix, tree in (('', state), ('init', init)):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    arrays.update({prefix + jax.tree_util.keystr(p): np.asarray(v)
+                   for p, v in leaves})
+  for i, metrics in enumerate(history):
+    arrays.update({f'metrics{i}/{k}': np.asarray(v)
+                   for k, v in metrics.items()})
+  np.savez(out_path, devices=jax.device_count(), **arrays)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path, env):
+  """Same global batch on 1 and 8 devices: same losses, params, BN stats."""
+  results = {}
+  for n in (1, 8):
+    out = tmp_path / f'{n}.npz'
+    code = ('import train_test, sys; '
+            f'train_test._sharding_worker({str(out)!r})')
+    _run([sys.executable, '-c', code], _with_devices(env, n))
+    results[n] = dict(np.load(out))
+  assert int(results[1].pop('devices')) == 1
+  assert int(results[8].pop('devices')) == 8
+  assert results[1].keys() == results[8].keys()
+  deltas = {}  # Group -> ([changes on 1 device], [changes on 8 devices]).
+  for key, one in results[1].items():
+    eight = results[8][key]
+    if one.dtype == bool or one.dtype.kind in 'iu':
+      np.testing.assert_array_equal(one, eight, err_msg=key)
+    elif key.startswith('metrics'):
+      # The losses: to float32 rounding.
+      np.testing.assert_allclose(one, eight, rtol=2e-6, err_msg=key)
+    elif not key.startswith('init'):
+      init = results[1]['init' + key]
+      np.testing.assert_array_equal(init, results[8]['init' + key])
+      group = key.split("'")[0] + key.split("'")[1]
+      deltas.setdefault(group, ([], []))
+      deltas[group][0].append((one - init).ravel())
+      deltas[group][1].append((eight - init).ravel())
+  # What the two steps changed in the params, BatchNorm statistics and
+  # spectral vectors of each network, 1 vs 8 devices: relative L2 error.
+  # Normwise: summation-order rounding is amplified by backpropagation
+  # through the normalisation layers, elementwise errors vary more.
+  assert {'.g_params[generator', '.d_params[discriminator_0',
+          '.g_stats[generator', '.d_stats[discriminator_0'} <= set(deltas)
+  for group, (one, eight) in deltas.items():
+    one, eight = np.concatenate(one), np.concatenate(eight)
+    assert np.linalg.norm(one) > 0, group
+    err = np.linalg.norm(one - eight) / np.linalg.norm(one)
+    assert err < 1e-4, (group, err)
+  # The running variances were updated (and compared): with per-device
+  # statistics they would hold the mean of 8 one-image variances instead.
+  bn_vars = [k for k in results[8]
+             if k.endswith("['bn']['var']") and not k.startswith('init')]
+  assert bn_vars
+  assert all(not np.allclose(results[8][k], 1.0) for k in bn_vars)
+
+
+# ---------------------------------------------------------------------------
+# End to end through `python -m spade_jax.main`.
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, data_dir, env):
+  """8 steps without interruption; reused by several tests."""
+  workdir = tmp_path_factory.mktemp('straight')
+  proc = _run(_main_cmd(workdir, data_dir, num_train_steps=8), env)
+  return workdir, proc
+
+
+def test_main_writes_events_images_and_checkpoints(straight_run):
+  workdir, proc = straight_run
+  events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.IMAGES: 0,
+                                   event_accumulator.TENSORS: 0})
+  acc.Reload()
+  tags = acc.Tags()
+  scalar_tags = set(tags.get('tensors', [])) | set(tags.get('scalars', []))
+  for tag in ('train/G_GAN', 'train/G_GAN_Feat', 'train/D_Fake',
+              'train/D_real', 'train/lr_G', 'train/lr_D',
+              'train/steps_per_s', 'train/images_per_s',
+              'eval/class_color_error'):
+    assert tag in scalar_tags, (tag, tags)
+  image_tags = set(tags.get('images', [])) | {
+      t for t in scalar_tags if 'samples' in t}
+  assert any('samples' in t for t in image_tags), tags
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(
+      os.path.join(workdir, 'checkpoints', '*')) if
+                 os.path.basename(p).isdigit())
+  assert steps == [4, 8]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['crop_size'] == 32
+  assert 'ETA' in proc.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, straight_run,
+                                                   data_dir, env):
+  straight_dir, _ = straight_run
+  workdir = tmp_path / 'interrupted'
+  # Long enough that the signal lands mid-run; a stop checkpoint is written.
+  cmd = _main_cmd(workdir, data_dir, num_train_steps=8,
+                  checkpoint_every_steps=1000, image_every_steps=1000)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO_DIR, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  log = []
+  for line in proc.stderr:
+    log.append(line)
+    if 'train/G_GAN' in line:  # The first log line, at step 2.
+      proc.send_signal(signal.SIGTERM)
+      break
+  log.extend(proc.stderr)
+  assert proc.wait(timeout=300) == 0, ''.join(log)[-5000:]
+  config = tiny_config(data_dir=data_dir)
+  stopped_at, _ = _final_state(workdir, config)
+  assert 2 <= stopped_at < 8, ''.join(log)[-3000:]
+  assert 'Stopped at step' in ''.join(log)
+  # The same command again resumes and finishes.
+  proc = _run(cmd, env)
+  assert f'Resumed from step {stopped_at}' in proc.stderr
+  final_step, resumed = _final_state(workdir, config)
+  straight_step, straight = _final_state(straight_dir, config)
+  assert final_step == straight_step == 8
+  _assert_trees_equal(resumed, straight)  # Bit-identical.
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir, env):
+  """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4."""
+  config = tiny_config(data_dir=data_dir)
+  changes = dict(num_train_steps=2, batch_size=8, checkpoint_every_steps=2,
+                 image_every_steps=1000)
+  one = tmp_path / 'one'
+  _run(_main_cmd(one, data_dir, **changes), _with_devices(env, 4))
+  two = tmp_path / 'two'
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [subprocess.Popen(
+      _main_cmd(two, data_dir, **changes) + [
+          f'--coordinator_address={address}', '--num_processes=2',
+          f'--process_id={i}'],
+      env=_with_devices(env, 2), cwd=REPO_DIR, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-5000:]
+  assert 'process 1 / 2' in errs[1] and '4 local devices' not in errs[1]
+  config.batch_size = 8
+  step_one, state_one = _final_state(one, config)
+  step_two, state_two = _final_state(two, config)
+  assert step_one == step_two == 2
+  for field in ('g_params', 'd_params', 'g_stats', 'd_stats'):
+    _assert_trees_equal(getattr(state_one, field), getattr(state_two, field),
+                        rtol=1e-4, atol=2e-5)
+
+
+def test_non_finite_loss_stops_without_overwriting(tmp_path, data_dir, env):
+  workdir = tmp_path / 'nan'
+  _run(_main_cmd(workdir, data_dir, num_train_steps=4), env)
+  # Resume with an absurd learning rate: the losses blow up.
+  proc = subprocess.run(
+      _main_cmd(workdir, data_dir, num_train_steps=12, lr=1e30,
+                checkpoint_every_steps=2),
+      env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert proc.returncode != 0
+  assert 'Non-finite loss' in proc.stderr
+  assert 'last good checkpoint is step' in proc.stderr
+  config = tiny_config(data_dir=data_dir)
+  step, state = _final_state(workdir, config)
+  for leaf in jax.tree_util.tree_leaves(state.g_params):
+    assert np.all(np.isfinite(leaf))
+  assert step >= 4
+
+
+def test_init_from_a_model_folder(tmp_path, data_dir):
+  from spade_jax import model_io  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir=data_dir, num_train_steps=0)
+  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
+  source = jax.device_get(train.create_train_state(
+      config, jax.random.PRNGKey(123), tx_g, tx_d))
+  folder = str(tmp_path / 'model')
+  model_io.save_model(folder, config, {
+      'generator': {'params': source.g_params['generator'],
+                    'batch_stats': source.g_stats['generator']},
+      'discriminator': {'params': source.d_params,
+                        'batch_stats': source.d_stats}})
+  fresh = train.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
+  started = train.apply_init_from(fresh, _with_init(config, folder), tx_g,
+                                  tx_d)
+  _assert_trees_equal(jax.device_get(started.g_params), source.g_params)
+  _assert_trees_equal(jax.device_get(started.d_params), source.d_params)
+  other = _with_init(tiny_config(ngf=16), folder)
+  with pytest.raises(ValueError, match='ngf=8 there vs 16 here'):
+    train.apply_init_from(fresh, other, tx_g, tx_d)
+
+
+def _with_init(config, folder):
+  config = config.copy_and_resolve_references()
+  config.init_from = folder
+  return config
+
+
+# ---------------------------------------------------------------------------
+# Learning.
+# ---------------------------------------------------------------------------
+def test_default_config_learns_class_colours(tmp_path, data_dir):
+  """A few hundred steps lower the per-class colour error on held-out scenes.
+
+  The default config at a test-sized resolution and width (crop 32, ngf 8).
+  """
+  config = tiny_config(data_dir=data_dir, num_train_steps=300,
+                       log_every_steps=100, image_every_steps=300,
+                       checkpoint_every_steps=300)
+  train.train_and_evaluate(config, str(tmp_path))
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  errors = {e.step: float(_tensor_value(e))
+            for e in acc.Tensors('eval/class_color_error')}
+  assert set(errors) == {0, 300}
+  assert errors[300] < 0.6 * errors[0], errors
+
+
+def _tensor_value(event):
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  return tensor_util.make_ndarray(event.tensor_proto)
