@@ -232,7 +232,11 @@ def test_cli(exported, tmp_path):
 
 
 def test_converted_reference_checkpoint_exports(reference_dir, tmp_path):
-  """The shared reference checkpoint: convert, export, match PyTorch."""
+  """The shared reference checkpoint: convert, export, match PyTorch.
+
+  (Synthesizer.load on the same kind of folder is checked against PyTorch in
+  synthesizer_test.py; here the exported module is.)
+  """
   from spade_jax import convert  # pylint: disable=g-import-not-at-top
   converted = str(tmp_path / 'converted')
   convert.convert(str(reference_dir), str(reference_dir / 'opt.json'),
@@ -245,8 +249,6 @@ def test_converted_reference_checkpoint_exports(reference_dir, tmp_path):
   _, variables = model_io.load_model(out)
   assert sorted(variables) == ['generator']  # No discriminator.
   scale = np.abs(want).max()
-  got = Synthesizer.load(out)(io['label'], io['instance'])
-  assert np.abs(got - want).max() / scale < 1e-4
   with open(os.path.join(out, export.EXPORT_FILE), 'rb') as f:
     module = jax.export.deserialize(bytearray(f.read()))
   got = np.asarray(module.call(io['label'].astype(np.int32),
