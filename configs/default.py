@@ -55,6 +55,17 @@ def get_config():
   # Compute dtype of activations and convolutions: float32 or bfloat16.
   # Parameters and BatchNorm statistics always stay float32.
   config.compute_dtype = 'float32'
+  # Exact fast paths (same function and parameters, see docs/performance.md).
+  # SPADE's first conv on the one-hot label map as a per-offset lookup of
+  # kernel rows by class id, instead of a dense conv over label_nc channels.
+  config.spade_label_lookup = True
+  # The mlp_shared convs of a residual block's SPADE layers (same label map)
+  # as one wider conv; each SPADE's mlp_gamma and mlp_beta as one conv.
+  config.spade_fuse_shared = True
+  config.spade_fuse_gamma_beta = True
+  # Convolution implementation: auto | xla | patches (patches times one
+  # matrix product). auto picks per backend what was measured fastest.
+  config.conv_impl = 'auto'
 
   # ---- Losses ----------------------------------------------------------------
   config.gan_mode = 'hinge'  # hinge | ls | original

@@ -9,6 +9,7 @@ import functools
 import re
 from typing import Any, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,52 @@ def one_hot_semantics(label: jnp.ndarray, edges: Optional[jnp.ndarray],
   return sem
 
 
+@flax.struct.dataclass
+class LabelMap:
+  """The semantic map before its one-hot: class ids and optional edges.
+
+  What the SPADE layers take on the label-lookup path (`label_conv`); the
+  one-hot map it stands for is `one_hot_semantics(label, edges, num_classes)`.
+  """
+  label: jnp.ndarray  # (N, H, W) integer class ids
+  edges: Optional[jnp.ndarray]  # (N, H, W) instance edges, or None
+  num_classes: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def channels(self) -> int:
+    return self.num_classes + (0 if self.edges is None else 1)
+
+  @property
+  def size(self) -> Tuple[int, int]:
+    return self.label.shape[1:3]
+
+  def resize(self, size: Tuple[int, int]) -> 'LabelMap':
+    """Legacy-nearest resize of ids and edges (same rule as the one-hot)."""
+    if tuple(self.size) == tuple(size):
+      return self
+    edges = (None if self.edges is None
+             else legacy_nearest_resize(self.edges, size))
+    return LabelMap(legacy_nearest_resize(self.label, size), edges,
+                    self.num_classes)
+
+  def one_hot(self, dtype: Dtype = jnp.float32) -> jnp.ndarray:
+    return one_hot_semantics(self.label, self.edges, self.num_classes, dtype)
+
+
+# A SPADE layer's semantic input: the one-hot map (N, H, W, C) or a LabelMap.
+Semantics = Any
+
+
+def semantic_channels(seg: Semantics) -> int:
+  return seg.channels if isinstance(seg, LabelMap) else seg.shape[-1]
+
+
+def resize_semantics(seg: Semantics, size: Tuple[int, int]) -> Semantics:
+  if isinstance(seg, LabelMap):
+    return seg.resize(size)
+  return legacy_nearest_resize(seg, size)
+
+
 # ---------------------------------------------------------------------------
 # Convolution with the reference's spectral normalisation.
 # ---------------------------------------------------------------------------
@@ -140,10 +187,12 @@ class Conv(nn.Module):
     use_bias: whether to add a bias.
     spectral: spectral normalisation with the reference's semantics; the u and
       v vectors live in the `batch_stats` collection.
-    init: 'xavier' (reference init_weights) or 'torch' (PyTorch default, which
-      spectral layers keep in the reference).
+    init_kind: 'xavier' (reference init_weights) or 'torch' (PyTorch default,
+      which spectral layers keep in the reference). (Not `init`: that would
+      hide Module.init.)
     transpose: ConvTranspose2d(kernel, stride 2, padding 1, output_padding 1).
     dtype: compute dtype.
+    impl: convolution implementation (`CONV_IMPLS`; not for `transpose`).
   """
   features: int
   kernel_size: int = 3
@@ -151,14 +200,16 @@ class Conv(nn.Module):
   padding: int = 1
   use_bias: bool = True
   spectral: bool = False
-  init: str = 'xavier'
+  init_kind: str = 'xavier'
   transpose: bool = False
   dtype: Dtype = jnp.float32
+  impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     k, in_ch = self.kernel_size, x.shape[-1]
-    init = xavier_normal() if self.init == 'xavier' else torch_default_init
+    init = (xavier_normal() if self.init_kind == 'xavier'
+            else torch_default_init)
     kernel = self.param('kernel', init, (k, k, in_ch, self.features),
                         jnp.float32)
     if self.spectral:
@@ -186,7 +237,7 @@ class Conv(nn.Module):
           lhs_dilation=(self.strides, self.strides),
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:
-      y = conv2d(x, kernel, self.strides, self.padding)
+      y = conv2d(x, kernel, self.strides, self.padding, self.impl)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,),
                         jnp.float32)
@@ -194,12 +245,94 @@ class Conv(nn.Module):
     return y
 
 
+# ---------------------------------------------------------------------------
+# Convolution implementations (all compute the same function).
+# ---------------------------------------------------------------------------
+CONV_IMPLS = ('auto', 'xla', 'patches')
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> the implementation measured fastest on this backend.
+
+  'patches' (shifted slices concatenated on channels, one matrix product) was
+  measured against XLA's native convolution on the 2-core CPU (see
+  docs/performance.md): with jaxlib 0.10 XLA's CPU convolution was as fast or
+  faster at every size the networks use, forward and backward, and the
+  patches matrix costs 9x the activation memory. So 'auto' is XLA everywhere;
+  'patches' stays selectable for other CPUs and versions.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
+  return 'xla' if impl == 'auto' else impl
+
+
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
-           padding: int = 0) -> jnp.ndarray:
+           padding: int = 0, impl: str = 'xla') -> jnp.ndarray:
   """NHWC x HWIO convolution with symmetric zero padding."""
+  if resolve_conv_impl(impl) == 'patches':
+    return patches_conv2d(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), [(padding, padding)] * 2,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def patches_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
+                   padding: int = 0) -> jnp.ndarray:
+  """`conv2d` as patches times one matrix product.
+
+  Pads, takes the kh*kw shifted (strided) slices, concatenates them on
+  channels in the kernel's (dy, dx, cin) order, and multiplies by
+  kernel.reshape(kh*kw*cin, cout).
+  """
+  kh, kw, cin, cout = kernel.shape
+  s, p = strides, padding
+  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  n, h, w, _ = x.shape
+  ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
+  cols = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+          for i in range(kh) for j in range(kw)]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  y = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)
+  return y.reshape(n, ho, wo, cout)
+
+
+def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
+               padding: int) -> jnp.ndarray:
+  """conv2d(seg.one_hot(), kernel) + bias without building the one-hot.
+
+  A one-hot pixel of class c picks row c of the kernel, so each of the
+  kh*kw offsets contributes kernel[dy, dx, class id of the shifted pixel]: a
+  gather. Zero padding (and ids outside [0, num_classes), whose one-hot is
+  all zero) select an appended zero row. The edge channel, when present, is a
+  1-channel convolution. Sums in float32; returns (N, H', W', cout) float32.
+  """
+  kh, kw, _, cout = kernel.shape
+  nc, p = seg.num_classes, padding
+  label = seg.label
+  ids = jnp.where((label >= 0) & (label < nc), label, nc).astype(jnp.int32)
+  ids = jnp.pad(ids, ((0, 0), (p, p), (p, p)), constant_values=nc)
+  kernel = kernel.astype(jnp.float32)
+  table = jnp.concatenate(
+      [kernel[:, :, :nc], jnp.zeros((kh, kw, 1, cout), jnp.float32)], axis=2)
+  ho, wo = ids.shape[1] - kh + 1, ids.shape[2] - kw + 1
+  y = jnp.broadcast_to(bias.astype(jnp.float32), ids.shape[:1] + (ho, wo, cout))
+  for i in range(kh):
+    for j in range(kw):
+      y = y + jnp.take(table[i, j], ids[:, i:i + ho, j:j + wo], axis=0)
+  if seg.edges is not None:
+    edges = seg.edges[..., None].astype(jnp.float32)
+    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], 1, p)
+  return y
+
+
+def biased_conv(x: Semantics, kernel: jnp.ndarray, bias: jnp.ndarray,
+                padding: int, impl: str = 'xla',
+                dtype: Dtype = jnp.float32) -> jnp.ndarray:
+  """conv2d(x, kernel) + bias in `dtype`; the label lookup for a LabelMap."""
+  if isinstance(x, LabelMap):
+    return label_conv(x, kernel, bias, padding).astype(dtype)
+  y = conv2d(x.astype(dtype), kernel.astype(dtype), 1, padding, impl)
+  return y + bias.astype(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -293,14 +426,16 @@ class NormConv(nn.Module):
   norm: str
   dtype: Dtype = jnp.float32
   transpose: bool = False
+  impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     spectral, sub = parse_plain_norm(self.norm)
     x = Conv(self.features, self.kernel_size, self.strides, self.padding,
              use_bias=(sub == 'none'), spectral=spectral,
-             init='torch' if spectral else 'xavier', transpose=self.transpose,
-             dtype=self.dtype, name='conv')(x, train)
+             init_kind='torch' if spectral else 'xavier',
+             transpose=self.transpose,
+             dtype=self.dtype, impl=self.impl, name='conv')(x, train)
     if sub == 'instance':
       x = instance_norm(x)
     elif sub in ('batch', 'syncbatch'):
@@ -311,53 +446,127 @@ class NormConv(nn.Module):
 # ---------------------------------------------------------------------------
 # SPADE.
 # ---------------------------------------------------------------------------
+class ConvWeights(nn.Module):
+  """The kernel and bias of a plain (xavier, biased) conv, for fused use.
+
+  Holds the same `kernel` (k, k, in, out) and `bias` parameters, created in
+  the same order, as `Conv(features, kernel_size)` would: callers concatenate
+  several such kernels at apply time and run one wider convolution.
+  """
+  features: int
+  kernel_size: int = 3
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    k = self.kernel_size
+    kernel = self.param('kernel', xavier_normal(),
+                        (k, k, in_features, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    return kernel, bias
+
+
+def fused_conv(x, weights: Sequence[Tuple[jnp.ndarray, jnp.ndarray]],
+               padding: int, impl: str = 'xla', dtype: Dtype = jnp.float32):
+  """Convs of one input with several (kernel, bias): one wider conv, split."""
+  kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
+  bias = jnp.concatenate([b for _, b in weights])
+  y = biased_conv(x, kernel, bias, padding, impl, dtype)
+  return jnp.split(y, np.cumsum([b.shape[0] for _, b in weights])[:-1],
+                   axis=-1)
+
+
 class SPADE(nn.Module):
   """Spatially-adaptive normalisation: norm(x) * (1 + gamma(seg)) + beta(seg).
 
-  `seg` is the semantic map (N, h, w, C); it is resized to x's size with the
-  reference's legacy nearest rule (a no-op when the caller already did).
+  `seg` is the semantic map, the one-hot (N, h, w, C) or a `LabelMap`; it is
+  resized to x's size with the reference's legacy nearest rule (a no-op when
+  the caller already did). A `LabelMap` takes the lookup path of `label_conv`
+  for mlp_shared. The caller may pass `actv`, mlp_shared's activation,
+  computed for several SPADE layers at once (`shared_weights`).
+
+  Attributes:
+    features: channels of x (the reference's norm_nc).
+    fuse_gamma_beta: run mlp_gamma and mlp_beta as one convolution.
   """
+  features: int
   norm_type: str = 'syncbatch'
   kernel_size: int = 3
   hidden: int = 128
+  fuse_gamma_beta: bool = True
+  conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, seg, train: bool = False):
-    normalized = ParamFreeNorm(self.norm_type, name='param_free_norm')(x, train)
-    seg = legacy_nearest_resize(seg, x.shape[1:3])
-    conv = functools.partial(Conv, kernel_size=self.kernel_size,
-                             padding=self.kernel_size // 2, dtype=self.dtype)
-    actv = nn.relu(conv(self.hidden, name='mlp_shared')(seg))
-    gamma = conv(x.shape[-1], name='mlp_gamma')(actv)
-    beta = conv(x.shape[-1], name='mlp_beta')(actv)
+  def setup(self):
+    self.param_free_norm = ParamFreeNorm(self.norm_type)
+    self.mlp_shared = ConvWeights(self.hidden, self.kernel_size)
+    self.mlp_gamma = ConvWeights(self.features, self.kernel_size)
+    self.mlp_beta = ConvWeights(self.features, self.kernel_size)
+
+  def shared_weights(self, seg: Semantics):
+    """mlp_shared's (kernel, bias) for this semantic input."""
+    return self.mlp_shared(semantic_channels(seg))
+
+  def __call__(self, x, seg: Semantics, train: bool = False, actv=None):
+    normalized = self.param_free_norm(x, train)
+    pad = self.kernel_size // 2
+    if actv is None:
+      seg = resize_semantics(seg, x.shape[1:3])
+      actv = nn.relu(biased_conv(seg, *self.shared_weights(seg), pad,
+                                 self.conv_impl, self.dtype))
+    weights = [self.mlp_gamma(self.hidden), self.mlp_beta(self.hidden)]
+    if self.fuse_gamma_beta:
+      gamma, beta = fused_conv(actv, weights, pad, self.conv_impl, self.dtype)
+    else:
+      gamma, beta = [biased_conv(actv, k, b, pad, self.conv_impl, self.dtype)
+                     for k, b in weights]
     return normalized * (1 + gamma) + beta
 
 
 class SPADEResnetBlock(nn.Module):
-  """The reference's SPADE residual block (fin -> fout)."""
+  """The reference's SPADE residual block (fin -> fout).
+
+  With `fuse_shared`, the mlp_shared convs of its two or three SPADE layers,
+  which all see the same semantic map, run as one wider convolution.
+  """
   features: int
   norm_G: str = 'spectralspadesyncbatch3x3'
+  fuse_shared: bool = True
+  fuse_gamma_beta: bool = True
+  conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, seg, train: bool = False):
+  def __call__(self, x, seg: Semantics, train: bool = False):
     fin, fout = x.shape[-1], self.features
     fmiddle = min(fin, fout)
     spectral = 'spectral' in self.norm_G
     norm_type, ks = parse_spade_norm(self.norm_G)
-    spade = functools.partial(SPADE, norm_type, ks, dtype=self.dtype)
+    spade = functools.partial(SPADE, norm_type=norm_type, kernel_size=ks,
+                              fuse_gamma_beta=self.fuse_gamma_beta,
+                              conv_impl=self.conv_impl, dtype=self.dtype)
     conv = functools.partial(Conv, spectral=spectral,
-                             init='torch' if spectral else 'xavier',
-                             dtype=self.dtype)
+                             init_kind='torch' if spectral else 'xavier',
+                             dtype=self.dtype, impl=self.conv_impl)
     act = functools.partial(nn.leaky_relu, negative_slope=LRELU_SLOPE)
+    norms = {'norm_0': spade(fin, name='norm_0'),
+             'norm_1': spade(fmiddle, name='norm_1')}
     if fin != fout:
-      x_s = spade(name='norm_s')(x, seg, train)
+      norms['norm_s'] = spade(fin, name='norm_s')
+    # Every SPADE layer here works at x's size (conv_0 keeps it).
+    seg = resize_semantics(seg, x.shape[1:3])
+    actvs = dict.fromkeys(norms)
+    if self.fuse_shared:
+      shared = fused_conv(seg, [n.shared_weights(seg) for n in norms.values()],
+                          ks // 2, self.conv_impl, self.dtype)
+      actvs = dict(zip(norms, map(nn.relu, shared)))
+    if fin != fout:
+      x_s = norms['norm_s'](x, seg, train, actvs['norm_s'])
       x_s = conv(fout, 1, padding=0, use_bias=False, name='conv_s')(x_s, train)
     else:
       x_s = x
-    dx = act(spade(name='norm_0')(x, seg, train))
+    dx = act(norms['norm_0'](x, seg, train, actvs['norm_0']))
     dx = conv(fmiddle, 3, padding=1, name='conv_0')(dx, train)
-    dx = act(spade(name='norm_1')(dx, seg, train))
+    dx = act(norms['norm_1'](dx, seg, train, actvs['norm_1']))
     dx = conv(fout, 3, padding=1, name='conv_1')(dx, train)
     return x_s + dx

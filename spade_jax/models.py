@@ -67,6 +67,11 @@ class SPADEGenerator(nn.Module):
   use_vae: bool = False
   z_dim: int = 256
   norm_G: str = 'spectralspadesyncbatch3x3'
+  # Exact fast paths (see layers.label_conv, layers.fused_conv, conv_impl).
+  label_lookup: bool = True
+  fuse_shared: bool = True
+  fuse_gamma_beta: bool = True
+  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -74,22 +79,22 @@ class SPADEGenerator(nn.Module):
     nf = self.ngf
     sh, sw = latent_size(self.num_upsampling_layers, self.crop_size,
                          self.aspect_ratio)
-    # Each resolution's semantic map is resized once, on integer ids, then
-    # one-hot encoded on the device.
-    seg_cache = {}
-
-    def seg_at(size):
-      if size not in seg_cache:
-        lab = layers.legacy_nearest_resize(label, size)
-        edg = (layers.legacy_nearest_resize(edges, size)
-               if self.use_instance else None)
-        seg_cache[size] = layers.one_hot_semantics(lab, edg, self.num_classes,
-                                                   self.dtype)
-      return seg_cache[size]
-
     if self.use_instance and edges is None:
       raise ValueError('This generator was built with instance maps '
                        '(no_instance=False): pass instance edges.')
+    # Each resolution's semantic map is resized once, on integer ids; the
+    # SPADE layers get the ids (label lookup) or their one-hot.
+    full = layers.LabelMap(label, edges if self.use_instance else None,
+                           self.num_classes)
+    seg_cache = {}
+
+    def seg_at(size, one_hot=not self.label_lookup):
+      key = (size, one_hot)
+      if key not in seg_cache:
+        seg = full.resize(size)
+        seg_cache[key] = seg.one_hot(self.dtype) if one_hot else seg
+      return seg_cache[key]
+
     if self.use_vae:
       if z is None:
         z = jax.random.normal(self.make_rng('z'), (label.shape[0], self.z_dim))
@@ -99,10 +104,13 @@ class SPADEGenerator(nn.Module):
       x = x.reshape(-1, 16 * nf, sh, sw).transpose(0, 2, 3, 1)
     else:
       x = layers.Conv(16 * nf, 3, padding=1, dtype=self.dtype,
-                      name='fc')(seg_at((sh, sw)))
+                      impl=self.conv_impl,
+                      name='fc')(seg_at((sh, sw), one_hot=True))
 
     block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
-                              dtype=self.dtype)
+                              fuse_shared=self.fuse_shared,
+                              fuse_gamma_beta=self.fuse_gamma_beta,
+                              conv_impl=self.conv_impl, dtype=self.dtype)
 
     def run(name, features, x):
       return block(features, name=name)(x, seg_at(x.shape[1:3]), train)
@@ -119,7 +127,7 @@ class SPADEGenerator(nn.Module):
     if self.num_upsampling_layers == 'most':
       x = layers.upsample2x(x)
       x = run('up_4', nf // 2, x)
-    x = layers.Conv(3, 3, padding=1, dtype=self.dtype,
+    x = layers.Conv(3, 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
                     name='conv_img')(_lrelu(x))
     return jnp.tanh(x.astype(jnp.float32))
 
@@ -138,6 +146,7 @@ class Pix2PixHDGenerator(nn.Module):
   kernel_size: int = 3
   initial_kernel_size: int = 7
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, label, edges=None, z=None, train: bool = False):
@@ -145,7 +154,7 @@ class Pix2PixHDGenerator(nn.Module):
     x = layers.one_hot_semantics(label, edges if self.use_instance else None,
                                  self.num_classes, self.dtype)
     norm_conv = functools.partial(layers.NormConv, norm=self.norm_G,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, impl=self.conv_impl)
     reflect = lambda x, p: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
                                    mode='reflect')
     k0 = self.initial_kernel_size
@@ -168,7 +177,7 @@ class Pix2PixHDGenerator(nn.Module):
       x = nn.relu(norm_conv(self.ngf * mult // 2, 3, 2, 1, transpose=True,
                             name=f'model_{idx}')(x, train))
       idx, mult = idx + 2, mult // 2
-    x = layers.Conv(3, 7, padding=0, dtype=self.dtype,
+    x = layers.Conv(3, 7, padding=0, dtype=self.dtype, impl=self.conv_impl,
                     name=f'model_{idx + 1}')(reflect(x, 3))
     return jnp.tanh(x.astype(jnp.float32))
 
@@ -179,20 +188,23 @@ class NLayerDiscriminator(nn.Module):
   n_layers_D: int = 4
   norm_D: str = 'spectralinstance'
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> List[jnp.ndarray]:
     feats = []
-    x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype, name='model0')(x)
+    x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype, impl=self.conv_impl,
+                    name='model0')(x)
     feats.append(_lrelu(x))
     nf = self.ndf
     for n in range(1, self.n_layers_D):
       nf = min(nf * 2, 512)
       stride = 1 if n == self.n_layers_D - 1 else 2
       x = layers.NormConv(nf, 4, stride, 2, self.norm_D, dtype=self.dtype,
-                          name=f'model{n}')(feats[-1], train)
+                          impl=self.conv_impl, name=f'model{n}')(feats[-1],
+                                                                 train)
       feats.append(_lrelu(x))
-    x = layers.Conv(1, 4, 1, 2, dtype=self.dtype,
+    x = layers.Conv(1, 4, 1, 2, dtype=self.dtype, impl=self.conv_impl,
                     name=f'model{self.n_layers_D}')(feats[-1])
     feats.append(x)
     return feats
@@ -205,6 +217,7 @@ class MultiscaleDiscriminator(nn.Module):
   n_layers_D: int = 4
   norm_D: str = 'spectralinstance'
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> List[List[jnp.ndarray]]:
@@ -212,7 +225,7 @@ class MultiscaleDiscriminator(nn.Module):
     x = x.astype(self.dtype)
     for i in range(self.num_D):
       outputs.append(NLayerDiscriminator(self.ndf, self.n_layers_D, self.norm_D,
-                                         self.dtype,
+                                         self.dtype, self.conv_impl,
                                          name=f'discriminator_{i}')(x, train))
       if i + 1 < self.num_D:
         x = layers.avg_pool_3x3_s2(x)
@@ -231,6 +244,7 @@ class ConvEncoder(nn.Module):
   crop_size: int = 256
   z_dim: int = 256
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, image, train: bool = False):
@@ -247,7 +261,7 @@ class ConvEncoder(nn.Module):
       if i:
         x = _lrelu(x)
       x = layers.NormConv(width, 3, 2, 1, self.norm_E, dtype=self.dtype,
-                          name=f'layer{i + 1}')(x, train)
+                          impl=self.conv_impl, name=f'layer{i + 1}')(x, train)
     x = _lrelu(x)
     x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # channel-major
     dense = functools.partial(nn.Dense, self.z_dim, dtype=self.dtype,
@@ -264,17 +278,27 @@ def compute_dtype(config) -> Dtype:
   return jnp.dtype(name)
 
 
+def conv_impl(config) -> str:
+  """config.conv_impl (default 'auto'), checked."""
+  impl = config.get('conv_impl', 'auto')
+  layers.resolve_conv_impl(impl)  # Raises on an unknown name.
+  return impl
+
+
 def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
   """The generator `config.netG` names, from reference option names."""
   common = dict(num_classes=num_classes(config),
                 use_instance=not config.no_instance, ngf=config.ngf,
-                dtype=compute_dtype(config))
+                dtype=compute_dtype(config), conv_impl=conv_impl(config))
   if config.netG == 'spade':
     layers.parse_spade_norm(config.norm_G)
     return SPADEGenerator(
         num_upsampling_layers=config.num_upsampling_layers,
         crop_size=config.crop_size, aspect_ratio=config.aspect_ratio,
         use_vae=config.use_vae, z_dim=config.z_dim, norm_G=config.norm_G,
+        label_lookup=config.get('spade_label_lookup', True),
+        fuse_shared=config.get('spade_fuse_shared', True),
+        fuse_gamma_beta=config.get('spade_fuse_gamma_beta', True),
         **common)
   if config.netG == 'pix2pixhd':
     layers.parse_plain_norm(config.norm_G)
@@ -288,10 +312,11 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
 def make_discriminator(config) -> MultiscaleDiscriminator:
   layers.parse_plain_norm(config.norm_D)
   return MultiscaleDiscriminator(config.num_D, config.ndf, config.n_layers_D,
-                                 config.norm_D, compute_dtype(config))
+                                 config.norm_D, compute_dtype(config),
+                                 conv_impl(config))
 
 
 def make_encoder(config) -> ConvEncoder:
   layers.parse_plain_norm(config.norm_E)
   return ConvEncoder(config.ngf, config.norm_E, config.crop_size, config.z_dim,
-                     compute_dtype(config))
+                     compute_dtype(config), conv_impl(config))

@@ -1,0 +1,219 @@
+"""The exact fast paths equal the plain computation, forward and gradients.
+
+Each switch (config.spade_label_lookup, spade_fuse_shared,
+spade_fuse_gamma_beta, conv_impl) changes how a function is computed, never
+the function or the parameters: outputs and parameter gradients agree with the
+plain path to float32 rounding, and the parameter trees are identical.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from spade_jax import layers
+from spade_jax import models
+
+RTOL = 1e-5  # Relative to the largest magnitude: float32 rounding only.
+NET_RTOL = 1e-4  # Whole networks: rounding compounds through the norms.
+PLAIN = dict(spade_label_lookup=False, spade_fuse_shared=False,
+             spade_fuse_gamma_beta=False, conv_impl='xla')
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+def assert_close(a, b, rtol=RTOL):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape
+  scale = max(float(np.max(np.abs(b))), 1e-30)
+  assert float(np.max(np.abs(a - b))) <= rtol * scale, (
+      float(np.max(np.abs(a - b))), scale)
+
+
+def assert_trees_close(a, b, rtol=RTOL):
+  """Leaf by leaf, relative to the tree's largest magnitude.
+
+  Some gradients are zero in exact arithmetic (a conv bias that a norm
+  removes) and rounding noise in float32; the tree-wide scale covers them.
+  """
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  scale = max([float(np.max(np.abs(y))) for y in leaves_b], default=0.0)
+  for x, y in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape
+    assert float(np.max(np.abs(x - y))) <= rtol * max(scale, 1e-30)
+
+
+def random_semantics(rng, shape, num_classes, with_edges=True):
+  """Blocky class ids (all classes present) and float edges."""
+  n, h, w = shape
+  label = rng.integers(0, num_classes, (n, (h + 1) // 2, (w + 1) // 2))
+  label = label.repeat(2, 1).repeat(2, 2)[:, :h, :w]
+  label[:, 0, :num_classes] = np.arange(min(num_classes, w))
+  edges = rng.uniform(0, 1, shape).astype(np.float32) if with_edges else None
+  return label.astype(np.int32), edges
+
+
+# ---------------------------------------------------------------------------
+# Layer level.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('kernel_size,with_edges,out_of_range', [
+    (3, True, False), (3, False, False), (1, True, False), (5, True, True)])
+def test_label_conv_equals_conv_of_one_hot(kernel_size, with_edges,
+                                           out_of_range):
+  rng = np.random.default_rng(0)
+  nc, cout, pad = 6, 5, kernel_size // 2
+  label, edges = random_semantics(rng, (2, 7, 9), nc, with_edges)
+  if out_of_range:  # One-hot of these is all zero: they select nothing.
+    label[0, 3, 4], label[1, 0, 0] = nc + 3, -1
+  seg = layers.LabelMap(jnp.asarray(label),
+                        None if edges is None else jnp.asarray(edges), nc)
+  cin = seg.channels
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, cin, cout)),
+                       jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, 7, 9, cout)), jnp.float32)
+
+  def plain(k, b):
+    return layers.conv2d(seg.one_hot(), k, 1, pad) + b
+
+  def lookup(k, b):
+    return layers.label_conv(seg, k, b, pad)
+
+  want, want_vjp = jax.vjp(plain, kernel, bias)
+  got, got_vjp = jax.vjp(lookup, kernel, bias)
+  assert_close(got, want)
+  assert_trees_close(got_vjp(cot), want_vjp(cot))
+
+
+@pytest.mark.parametrize('shape,kernel_size,strides,padding', [
+    ((2, 9, 8, 5), 3, 1, 1), ((1, 9, 10, 3), 4, 2, 2), ((1, 5, 5, 6), 1, 1, 0)])
+def test_patches_conv_equals_xla_conv(shape, kernel_size, strides, padding):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(
+      rng.normal(size=(kernel_size, kernel_size, shape[-1], 4)), jnp.float32)
+  conv = functools.partial(layers.conv2d, strides=strides, padding=padding)
+  want, want_vjp = jax.vjp(functools.partial(conv, impl='xla'), x, kernel)
+  got, got_vjp = jax.vjp(functools.partial(conv, impl='patches'), x, kernel)
+  assert_close(got, want)
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  assert_trees_close(got_vjp(cot), want_vjp(cot))
+
+
+def test_conv_impl_names_are_checked():
+  assert layers.resolve_conv_impl('auto') in ('xla', 'patches')
+  with pytest.raises(ValueError, match='conv_impl'):
+    layers.resolve_conv_impl('winograd')
+
+
+def block_grads(block, variables, x, seg, cot):
+  """Block output (training mode) and d(<out, cot>)/d(params)."""
+  def loss(params):
+    out, _ = block.apply({**variables, 'params': params}, x, seg, train=True,
+                         mutable=['batch_stats'])
+    return jnp.sum(out * cot), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      variables['params'])
+  return out, grads
+
+
+@pytest.mark.parametrize('switch', ['label_lookup', 'fuse_shared',
+                                    'fuse_gamma_beta', 'patches'])
+def test_each_block_switch_equals_plain(switch):
+  rng = np.random.default_rng(2)
+  nc = 5
+  label, edges = random_semantics(rng, (2, 6, 6), nc)
+  full = layers.LabelMap(jnp.asarray(label), jnp.asarray(edges), nc)
+  x = jnp.asarray(rng.normal(size=(2, 3, 3, 6)), jnp.float32)
+  plain_kw = dict(fuse_shared=False, fuse_gamma_beta=False, conv_impl='xla')
+  fast_kw = dict(plain_kw)
+  if switch == 'patches':
+    fast_kw['conv_impl'] = 'patches'
+  elif switch != 'label_lookup':
+    fast_kw[switch] = True
+  # fin 6 != fout 4: the learned shortcut's norm_s is fused too. The label
+  # map is given at 6x6 and resized to x's 3x3 inside.
+  plain = layers.SPADEResnetBlock(4, **plain_kw)
+  fast = layers.SPADEResnetBlock(4, **fast_kw)
+  plain_seg = full.one_hot()
+  fast_seg = full if switch == 'label_lookup' else plain_seg
+  variables = plain.init(jax.random.PRNGKey(0), x, plain_seg)
+  fast_vars = fast.init(jax.random.PRNGKey(0), x, fast_seg)
+  # Same parameter tree and the same initial values.
+  assert_trees_close(fast_vars, variables, rtol=0)
+  cot = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+  want, want_grads = block_grads(plain, variables, x, plain_seg, cot)
+  got, got_grads = block_grads(fast, variables, x, fast_seg, cot)
+  assert_close(got, want)
+  assert_trees_close(got_grads, want_grads)
+
+
+# ---------------------------------------------------------------------------
+# Network level: every switch on vs every switch off.
+# ---------------------------------------------------------------------------
+def tiny_config(**overrides):
+  config = default.get_config()
+  config.update(crop_size=32, ngf=8, ndf=8, label_nc=5,
+                contain_dontcare_label=True, no_instance=False)
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('overrides', [
+    {}, dict(no_instance=True, contain_dontcare_label=False,
+             norm_G='spadeinstance3x3')])
+def test_generator_fast_paths_equal_plain(overrides):
+  # Training-mode forward (output and updated statistics); gradients are
+  # checked block by block above.
+  rng = np.random.default_rng(3)
+  fast = models.make_generator(tiny_config(**overrides))
+  plain = models.make_generator(tiny_config(**overrides, **PLAIN))
+  nc = models.num_classes(tiny_config(**overrides))
+  label, edges = random_semantics(rng, (2, 32, 32), nc)
+  label[0, 5:9, 5:9] = nc - 1  # The don't-care class, when there is one.
+  # Same parameter tree (the block test checks the initial values too);
+  # random values rather than Flax's init, which takes long on 2 cores.
+  shapes = jax.eval_shape(plain.init, jax.random.PRNGKey(0), label, edges)
+  assert jax.eval_shape(fast.init, jax.random.PRNGKey(0), label,
+                        edges) == shapes
+  variables = {
+      'params': jax.tree_util.tree_map(
+          lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.2, s.dtype),
+          shapes['params']),
+      'batch_stats': jax.tree_util.tree_map(
+          lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype),
+          shapes.get('batch_stats', {}))}
+
+  def forward(gen):
+    return jax.jit(functools.partial(gen.apply, train=True,
+                                     mutable=['batch_stats']))(
+                                         variables, label, edges)
+
+  want, want_state = forward(plain)
+  got, got_state = forward(fast)
+  assert_close(got, want, NET_RTOL)
+  assert_trees_close(got_state, want_state, NET_RTOL)
+
+
+@pytest.mark.parametrize('make', [models.make_generator,
+                                  models.make_discriminator])
+def test_conv_impl_reaches_every_convolution(make):
+  config = tiny_config(conv_impl='patches', spade_label_lookup=False)
+  net = make(config)
+  if make is models.make_generator:
+    args = (np.zeros((1, 32, 32), np.int32), np.zeros((1, 32, 32), np.float32))
+  else:
+    args = (np.zeros((1, 32, 32, models.semantic_nc(config) + 3),
+                     np.float32),)
+  shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), *args)
+  jaxpr = str(jax.make_jaxpr(net.apply)(shapes, *args))
+  assert 'conv_general_dilated' not in jaxpr
+  assert 'dot_general' in jaxpr
