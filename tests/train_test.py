@@ -8,6 +8,7 @@ compilation cache.
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -436,23 +437,25 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
       assert close > 0.99, (field, close)
 
 
-def test_non_finite_loss_stops_without_overwriting(tmp_path, data_dir, env):
+def test_non_finite_loss_stops_without_overwriting(tmp_path, straight_run,
+                                                   data_dir, env):
+  # Continue the straight run (checkpoints 4 and 8) with an absurd learning
+  # rate: the losses blow up before the next checkpoint is due.
   workdir = tmp_path / 'nan'
-  _run(_main_cmd(workdir, data_dir, num_train_steps=4), env)
-  # Resume with an absurd learning rate: the losses blow up.
+  shutil.copytree(straight_run[0], workdir)
   proc = subprocess.run(
-      _main_cmd(workdir, data_dir, num_train_steps=12, lr=1e30,
-                checkpoint_every_steps=2),
+      _main_cmd(workdir, data_dir, num_train_steps=16, lr=1e30,
+                checkpoint_every_steps=4),
       env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=600,
       check=False)
   assert proc.returncode != 0
   assert 'Non-finite loss' in proc.stderr
-  assert 'last good checkpoint is step' in proc.stderr
+  assert 'The last good checkpoint is step 8' in proc.stderr
   config = tiny_config(data_dir=data_dir)
   step, state = _final_state(workdir, config)
-  for leaf in jax.tree_util.tree_leaves(state.g_params):
+  assert step == 8
+  for leaf in jax.tree_util.tree_leaves((state.g_params, state.d_params)):
     assert np.all(np.isfinite(leaf))
-  assert step >= 4
 
 
 def test_init_from_a_model_folder(tmp_path, data_dir):
