@@ -191,12 +191,17 @@ def _run_steps(config, num_steps, batches=None, sgd_lr=None):
   return jax.device_get(state), history
 
 
-def test_train_step_updates_both_networks_and_stats():
+@pytest.fixture(scope='module')
+def float32_two_steps():
+  return _run_steps(tiny_config(), 2)
+
+
+def test_train_step_updates_both_networks_and_stats(float32_two_steps):
   config = tiny_config()
   tx_g, tx_d, _, _ = train.make_optimizers(config, 100)
   init = jax.device_get(train.create_train_state(
       config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
-  state, history = _run_steps(config, 2)
+  state, history = float32_two_steps
   assert int(state.step) == 2
   for key in ('G_GAN', 'G_GAN_Feat', 'D_Fake', 'D_real', 'G_total',
               'D_total', 'lr_G', 'lr_D'):
@@ -232,6 +237,23 @@ def test_vae_and_ema_train_step():
                                 init.g_params['generator'],
                                 state.g_params['generator'])
   _assert_trees_equal(state.ema_params, want, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(
+    float32_two_steps):
+  config = tiny_config(compute_dtype='bfloat16')
+  state, history = _run_steps(config, 1)
+  for leaf in jax.tree_util.tree_leaves((state.g_params, state.d_params,
+                                         state.g_stats, state.d_stats)):
+    assert leaf.dtype == np.float32
+  assert np.isfinite(history[0]['G_total']) and np.isfinite(
+      history[0]['D_total'])
+  # The same step as float32 up to bf16 rounding of the activations.
+  _, f32_history = float32_two_steps
+  np.testing.assert_allclose(history[0]['G_GAN_Feat'],
+                             f32_history[0]['G_GAN_Feat'], rtol=5e-2)
+  np.testing.assert_allclose(history[0]['D_total'], f32_history[0]['D_total'],
+                             rtol=5e-2)
 
 
 def _sharding_worker(out_path):
