@@ -18,13 +18,13 @@ def _require(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def reference_dir() -> pathlib.Path:
   """The small reference SPADE checkpoint and its recorded outputs."""
   return _require(SHARED_DIR / 'fixtures' / 'spade_reference' / 'small')
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def coco_sample_dir() -> pathlib.Path:
   """A small real COCO-Stuff sample in the reference layout."""
   return _require(SHARED_DIR / 'datasets' / 'coco_stuff_sample')

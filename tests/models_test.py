@@ -1,4 +1,5 @@
 """Our networks against the reference's recorded outputs (../shared fixtures)."""
+import functools
 import json
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 from spade_jax import convert
 from spade_jax import layers
 from spade_jax import models
+import reference_cases as rc
 
 TOL = 1e-4
 
@@ -25,7 +27,7 @@ def max_rel_err(ours, ref_nchw):
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
-@pytest.fixture
+@pytest.fixture(scope='module')
 def reference(reference_dir):
   opt = json.loads((reference_dir / 'opt.json').read_text())
   config = convert.config_from_options(opt)
@@ -48,17 +50,19 @@ def test_semantics_builder_is_exact(reference):
 def test_generator_eval_matches_reference(reference):
   config, variables, io = reference
   gen = models.make_generator(config)
-  out = gen.apply(variables['generator'], io['label'],
-                  layers.instance_edges(io['instance']), train=False)
+  out = rc.jit(functools.partial(gen.apply, train=False))(
+      variables['generator'], io['label'],
+      layers.instance_edges(io['instance']))
   assert max_rel_err(out, io['G_eval']) < TOL
 
 
 def test_generator_train_matches_reference(reference):
   config, variables, io = reference
   gen = models.make_generator(config)
-  out, updated = gen.apply(variables['generator'], io['label'],
-                           layers.instance_edges(io['instance']), train=True,
-                           mutable=['batch_stats'])
+  out, updated = rc.jit(functools.partial(
+      gen.apply, train=True, mutable=['batch_stats']))(
+          variables['generator'], io['label'],
+          layers.instance_edges(io['instance']))
   assert max_rel_err(out, io['G_train']) < TOL
   # The training forward moved every running statistic and spectral vector.
   before = jax.tree_util.tree_leaves(variables['generator']['batch_stats'])
@@ -71,7 +75,8 @@ def test_discriminator_eval_matches_every_feature_map(reference):
   config, variables, io = reference
   disc = models.make_discriminator(config)
   d_in = np.concatenate([io['semantics'], io['G_eval']], axis=1)
-  outs = disc.apply(variables['discriminator'], d_in.transpose(0, 2, 3, 1))
+  outs = rc.jit(disc.apply)(variables['discriminator'],
+                            d_in.transpose(0, 2, 3, 1))
   assert len(outs) == config.num_D == 2
   for i, feats in enumerate(outs):
     assert len(feats) == config.n_layers_D + 1
@@ -152,7 +157,7 @@ def test_generator_variants_produce_images(overrides, size):
   gen = models.make_generator(config)
   label = np.zeros((2,) + size, np.int32)
   edges = np.zeros((2,) + size, np.float32)
-  variables = gen.init(jax.random.PRNGKey(0), label, edges)
-  out = gen.apply(variables, label, edges)
+  variables = rc.jit(gen.init)(jax.random.PRNGKey(0), label, edges)
+  out = rc.jit(gen.apply)(variables, label, edges)
   assert out.shape == (2,) + size + (3,)
   assert np.all(np.abs(np.asarray(out)) <= 1)
