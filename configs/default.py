@@ -4,6 +4,7 @@ Trains with no download and no VGG weights; learns visibly in minutes on a
 2-core CPU. Option names follow the reference SPADE implementation.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -55,16 +56,19 @@ def get_config():
   # Compute dtype of activations and convolutions: float32 or bfloat16.
   # Parameters and BatchNorm statistics always stay float32.
   config.compute_dtype = 'float32'
-  # Exact fast paths (same function and parameters, see docs/performance.md).
+  # Exact alternative computations: same function, same parameters (see
+  # docs/performance.md for what each was measured to gain).
   # SPADE's first conv on the one-hot label map as a per-offset lookup of
   # kernel rows by class id, instead of a dense conv over label_nc channels.
-  config.spade_label_lookup = True
+  # None (unset): on where it was measured faster, the CPU backend.
+  config.spade_label_lookup = config_dict.placeholder(bool)
   # The mlp_shared convs of a residual block's SPADE layers (same label map)
-  # as one wider conv; each SPADE's mlp_gamma and mlp_beta as one conv.
-  config.spade_fuse_shared = True
-  config.spade_fuse_gamma_beta = True
+  # as one wider conv; each SPADE's mlp_gamma and mlp_beta as one conv. Off:
+  # measured slower on CPU and GPU.
+  config.spade_fuse_shared = False
+  config.spade_fuse_gamma_beta = False
   # Convolution implementation: auto | xla | patches (patches times one
-  # matrix product). auto picks per backend what was measured fastest.
+  # matrix product). auto: XLA's, plus a CPU workaround (layers.conv2d).
   config.conv_impl = 'auto'
 
   # ---- Losses ----------------------------------------------------------------

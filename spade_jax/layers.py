@@ -252,13 +252,13 @@ CONV_IMPLS = ('auto', 'xla', 'patches')
 
 
 def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> the implementation measured fastest on this backend.
+  """Checks a conv_impl name; 'auto' computes with XLA's convolution.
 
   'patches' (shifted slices concatenated on channels, one matrix product) was
   measured against XLA's native convolution on the 2-core CPU (see
-  docs/performance.md): with jaxlib 0.10 XLA's CPU convolution was as fast or
-  faster at every size the networks use, forward and backward, and the
-  patches matrix costs 9x the activation memory. So 'auto' is XLA everywhere;
+  docs/performance.md): with jaxlib 0.10, XLA's CPU convolution was as fast
+  or faster at every size these networks use, forward and backward, except
+  one case that 'auto' handles by itself (`_explicit_excess_padding`).
   'patches' stays selectable for other CPUs and versions.
   """
   if impl not in CONV_IMPLS:
@@ -266,13 +266,34 @@ def resolve_conv_impl(impl: str) -> str:
   return 'xla' if impl == 'auto' else impl
 
 
+def _explicit_excess_padding(x, kernel, strides: int, padding: int):
+  """On CPU, pads stride-1 convs beyond (k - 1) // 2 outside the conv.
+
+  XLA's CPU kernel gradient of a stride-1 convolution whose padding exceeds
+  (k - 1) // 2 (the output is larger than the input, e.g. the PatchGAN's
+  4x4 / padding 2 layers) is 20-40x slower than for the same convolution on
+  an explicitly zero-padded input. Same function; returns (x, paddings).
+  """
+  pads = [(padding, padding)] * 2
+  if strides != 1 or jax.default_backend() != 'cpu':
+    return x, pads
+  excess = [max(padding - (k - 1) // 2, 0) for k in kernel.shape[:2]]
+  if not any(excess):
+    return x, pads
+  x = jnp.pad(x, ((0, 0), (excess[0],) * 2, (excess[1],) * 2, (0, 0)))
+  return x, [(padding - e, padding - e) for e in excess]
+
+
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
            padding: int = 0, impl: str = 'xla') -> jnp.ndarray:
   """NHWC x HWIO convolution with symmetric zero padding."""
   if resolve_conv_impl(impl) == 'patches':
     return patches_conv2d(x, kernel, strides, padding)
+  pads = [(padding, padding)] * 2
+  if impl == 'auto':
+    x, pads = _explicit_excess_padding(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), [(padding, padding)] * 2,
+      x, kernel, (strides, strides), pads,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -300,25 +321,32 @@ def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
                padding: int) -> jnp.ndarray:
   """conv2d(seg.one_hot(), kernel) + bias without building the one-hot.
 
-  A one-hot pixel of class c picks row c of the kernel, so each of the
-  kh*kw offsets contributes kernel[dy, dx, class id of the shifted pixel]: a
-  gather. Zero padding (and ids outside [0, num_classes), whose one-hot is
-  all zero) select an appended zero row. The edge channel, when present, is a
-  1-channel convolution. Sums in float32; returns (N, H', W', cout) float32.
+  A one-hot pixel of class c picks row c of the kernel, so offset (dy, dx)
+  contributes kernel[dy, dx, class id of the shifted pixel]: the output is a
+  sum of kh*kw gathered kernel rows. Zero padding, and ids outside
+  [0, num_classes) (whose one-hot is all zero), select an appended zero row.
+  The edge channel, when present, is a 1-channel convolution. Computed in
+  float32; returns (N, H', W', cout).
+
+  The kh*kw rows of a pixel are gathered by ONE gather (offset-major table,
+  indices offset * (num_classes + 1) + id) and summed by a reduction: with
+  kh*kw separate gathers and adds, XLA CPU fused the adds into every
+  consumer of the result and re-read all kh*kw gathered maps there (the
+  SPADE block backward ran 1.8x slower).
   """
   kh, kw, _, cout = kernel.shape
   nc, p = seg.num_classes, padding
   label = seg.label
   ids = jnp.where((label >= 0) & (label < nc), label, nc).astype(jnp.int32)
   ids = jnp.pad(ids, ((0, 0), (p, p), (p, p)), constant_values=nc)
+  ho, wo = ids.shape[1] - kh + 1, ids.shape[2] - kw + 1
   kernel = kernel.astype(jnp.float32)
   table = jnp.concatenate(
       [kernel[:, :, :nc], jnp.zeros((kh, kw, 1, cout), jnp.float32)], axis=2)
-  ho, wo = ids.shape[1] - kh + 1, ids.shape[2] - kw + 1
-  y = jnp.broadcast_to(bias.astype(jnp.float32), ids.shape[:1] + (ho, wo, cout))
-  for i in range(kh):
-    for j in range(kw):
-      y = y + jnp.take(table[i, j], ids[:, i:i + ho, j:j + wo], axis=0)
+  table = table.reshape(kh * kw * (nc + 1), cout)
+  rows = jnp.stack([ids[:, i:i + ho, j:j + wo] + (i * kw + j) * (nc + 1)
+                    for i in range(kh) for j in range(kw)], axis=-1)
+  y = jnp.take(table, rows, axis=0).sum(axis=-2) + bias.astype(jnp.float32)
   if seg.edges is not None:
     edges = seg.edges[..., None].astype(jnp.float32)
     y = y + conv2d(edges, kernel[:, :, nc:nc + 1], 1, p)
@@ -493,7 +521,7 @@ class SPADE(nn.Module):
   norm_type: str = 'syncbatch'
   kernel_size: int = 3
   hidden: int = 128
-  fuse_gamma_beta: bool = True
+  fuse_gamma_beta: bool = False
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
@@ -531,8 +559,8 @@ class SPADEResnetBlock(nn.Module):
   """
   features: int
   norm_G: str = 'spectralspadesyncbatch3x3'
-  fuse_shared: bool = True
-  fuse_gamma_beta: bool = True
+  fuse_shared: bool = False
+  fuse_gamma_beta: bool = False
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 

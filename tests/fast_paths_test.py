@@ -1,4 +1,4 @@
-"""The exact fast paths equal the plain computation, forward and gradients.
+"""The exact alternative paths equal the plain computation, forward and grads.
 
 Each switch (config.spade_label_lookup, spade_fuse_shared,
 spade_fuse_gamma_beta, conv_impl) changes how a function is computed, never
@@ -20,6 +20,8 @@ RTOL = 1e-5  # Relative to the largest magnitude: float32 rounding only.
 NET_RTOL = 1e-4  # Whole networks: rounding compounds through the norms.
 PLAIN = dict(spade_label_lookup=False, spade_fuse_shared=False,
              spade_fuse_gamma_beta=False, conv_impl='xla')
+ALL_FAST = dict(spade_label_lookup=True, spade_fuse_shared=True,
+                spade_fuse_gamma_beta=True, conv_impl='auto')
 
 
 @pytest.fixture(autouse=True)
@@ -93,19 +95,33 @@ def test_label_conv_equals_conv_of_one_hot(kernel_size, with_edges,
   assert_trees_close(got_vjp(cot), want_vjp(cot))
 
 
-@pytest.mark.parametrize('shape,kernel_size,strides,padding', [
-    ((2, 9, 8, 5), 3, 1, 1), ((1, 9, 10, 3), 4, 2, 2), ((1, 5, 5, 6), 1, 1, 0)])
-def test_patches_conv_equals_xla_conv(shape, kernel_size, strides, padding):
+@pytest.mark.parametrize('impl,shape,kernel_size,strides,padding', [
+    ('patches', (2, 9, 8, 5), 3, 1, 1), ('patches', (1, 9, 10, 3), 4, 2, 2),
+    ('patches', (1, 5, 5, 6), 1, 1, 0),
+    # 'auto' pads this one (padding > (k - 1) // 2, stride 1) outside the
+    # conv on CPU.
+    ('auto', (2, 6, 7, 4), 4, 1, 2), ('auto', (1, 6, 6, 3), 3, 2, 2)])
+def test_conv_impls_equal_xla_conv(impl, shape, kernel_size, strides,
+                                   padding):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   kernel = jnp.asarray(
       rng.normal(size=(kernel_size, kernel_size, shape[-1], 4)), jnp.float32)
   conv = functools.partial(layers.conv2d, strides=strides, padding=padding)
   want, want_vjp = jax.vjp(functools.partial(conv, impl='xla'), x, kernel)
-  got, got_vjp = jax.vjp(functools.partial(conv, impl='patches'), x, kernel)
+  got, got_vjp = jax.vjp(functools.partial(conv, impl=impl), x, kernel)
   assert_close(got, want)
   cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   assert_trees_close(got_vjp(cot), want_vjp(cot))
+
+
+def test_label_lookup_default_follows_the_backend():
+  config = tiny_config()
+  assert config.spade_label_lookup is None  # Unset: chosen per backend.
+  assert models.label_lookup(config) == (jax.default_backend() == 'cpu')
+  config.spade_label_lookup = False
+  assert not models.label_lookup(config)
+  assert not models.make_generator(config).label_lookup
 
 
 def test_conv_impl_names_are_checked():
@@ -174,7 +190,7 @@ def test_generator_fast_paths_equal_plain(overrides):
   # Training-mode forward (output and updated statistics); gradients are
   # checked block by block above.
   rng = np.random.default_rng(3)
-  fast = models.make_generator(tiny_config(**overrides))
+  fast = models.make_generator(tiny_config(**overrides, **ALL_FAST))
   plain = models.make_generator(tiny_config(**overrides, **PLAIN))
   nc = models.num_classes(tiny_config(**overrides))
   label, edges = random_semantics(rng, (2, 32, 32), nc)
