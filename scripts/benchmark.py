@@ -100,31 +100,43 @@ class Options:
 # ---------------------------------------------------------------------------
 # Timing and statistics.
 # ---------------------------------------------------------------------------
-def time_steps(step: Callable[[], Any], steps: int,
-               warmup: int) -> List[float]:
-  """Runs `step` warmup + steps times; returns the timed durations (s)."""
+@dataclasses.dataclass
+class Timings:
+  """Per-step wall-clock and process CPU (all threads) durations, seconds."""
+  wall: List[float]
+  cpu: List[float]
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> Timings:
+  """Runs `step` warmup + steps times; returns the timed durations.
+
+  The process CPU time is kept beside the wall time: on a shared machine the
+  wall time grows with other processes' load, the CPU time much less.
+  """
   for _ in range(warmup):
     step()
-  durations = []
+  timings = Timings([], [])
   for _ in range(steps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     step()
-    durations.append(time.perf_counter() - start)
-  return durations
+    timings.wall.append(time.perf_counter() - start)
+    timings.cpu.append(time.process_time() - start_cpu)
+  return timings
 
 
-def summarize(durations: List[float], images_per_step: int) -> Dict[str, Any]:
+def summarize(timings: Timings, images_per_step: int) -> Dict[str, Any]:
   """Throughput and per-step statistics of timed steps."""
-  total = sum(durations)
+  wall = timings.wall
   return {
-      'steps': len(durations),
+      'steps': len(wall),
       'images_per_step': images_per_step,
-      'images_per_s': images_per_step * len(durations) / total,
-      'ms_per_step_median': 1000.0 * statistics.median(durations),
-      'ms_per_step_min': 1000.0 * min(durations),
-      'ms_per_step_max': 1000.0 * max(durations),
-      'ms_per_step_stdev': (1000.0 * statistics.stdev(durations)
-                            if len(durations) > 1 else 0.0),
+      'images_per_s': images_per_step * len(wall) / sum(wall),
+      'ms_per_step_median': 1000.0 * statistics.median(wall),
+      'ms_per_step_min': 1000.0 * min(wall),
+      'ms_per_step_max': 1000.0 * max(wall),
+      'ms_per_step_stdev': (1000.0 * statistics.stdev(wall)
+                            if len(wall) > 1 else 0.0),
+      'cpu_ms_per_step_median': 1000.0 * statistics.median(timings.cpu),
   }
 
 
@@ -244,8 +256,8 @@ def benchmark_train(config: ml_collections.ConfigDict,
     holder['state'], metrics = compiled(holder['state'], batch, vgg_params)
     jax.block_until_ready((holder['state'], metrics))
 
-  durations = time_steps(step, options.steps, options.warmup)
-  record = summarize(durations, config.batch_size)
+  timings = time_steps(step, options.steps, options.warmup)
+  record = summarize(timings, config.batch_size)
   record['init_s'] = init_s
   return with_compute_figures(record, info)
 
@@ -269,10 +281,10 @@ def benchmark_generate(config: ml_collections.ConfigDict,
   init_s = time.perf_counter() - start
   info = compile_timed(train.make_generate_fn(config), g_vars, label, edges)
   compiled = info['compiled']
-  durations = time_steps(
+  timings = time_steps(
       lambda: jax.block_until_ready(compiled(g_vars, label, edges)),
       options.steps, options.warmup)
-  record = summarize(durations, config.batch_size)
+  record = summarize(timings, config.batch_size)
   record['init_s'] = init_s
   return with_compute_figures(record, info)
 
@@ -302,9 +314,9 @@ def benchmark_input(config: ml_collections.ConfigDict,
                                    train=True)
   batches = input_pipeline.numpy_batches(ds)
   first = next(batches)
-  durations = time_steps(lambda: next(batches), options.steps, options.warmup)
+  timings = time_steps(lambda: next(batches), options.steps, options.warmup)
   batch_size = first['image'].shape[0]
-  record = summarize(durations, batch_size)
+  record = summarize(timings, batch_size)
   record.update(
       height=int(first['image'].shape[1]), width=int(first['image'].shape[2]),
       global_batch_size=int(config.batch_size), data_dir=data_dir,
