@@ -65,7 +65,7 @@ _CONFIG_KEYS = ('dataset', 'netG', 'label_nc', 'contain_dontcare_label',
                 'preprocess_mode', 'ngf', 'ndf', 'num_D', 'n_layers_D',
                 'norm_G', 'norm_D', 'use_vae', 'num_upsampling_layers',
                 'batch_size', 'lambda_vgg', 'compute_dtype',
-                'spade_label_lookup', 'spade_fused_shared', 'conv_impl')
+                'spade_fuse_shared', 'spade_fuse_gamma_beta', 'conv_impl')
 
 
 def define_flags() -> None:
@@ -358,6 +358,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
                                  not config.vgg_weights),
       time=time.strftime('%Y-%m-%dT%H:%M:%S'))
   record.update({k: config[k] for k in _CONFIG_KEYS if k in config})
+  record['spade_label_lookup'] = models.label_lookup(config)  # As resolved.
   return record
 
 
