@@ -85,6 +85,9 @@ def get_config():
   config.no_TTUR = False
   config.beta1 = 0.0  # Used when no_TTUR; TTUR forces beta1=0, beta2=0.9.
   config.beta2 = 0.9
+  # Adam's epsilon (PyTorch's and optax's default). Adam's first steps are
+  # about lr * sign(gradient); a large eps (>> |gradient|) makes it SGD-like.
+  config.adam_eps = 1e-8
   # Linear decay schedule given in epochs, as in the reference.
   config.niter = 50
   config.niter_decay = 0

@@ -87,6 +87,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'batch_size={config.batch_size} is not divisible by the '
         f'{jax.device_count()} devices: the batch is split evenly over them.')
+  if not config.get('adam_eps', 1e-8) > 0:
+    raise ValueError(f'adam_eps={config.adam_eps} must be positive.')
   if config.gan_mode not in losses.GAN_MODES:
     raise ValueError(f'gan_mode={config.gan_mode!r}: expected one of '
                      f'{losses.GAN_MODES}.')
@@ -152,8 +154,9 @@ def make_optimizers(config, steps_per_epoch: int):
                         config.niter_decay)
   sched_d = lr_schedule(lr_d, steps_per_epoch, config.niter,
                         config.niter_decay)
-  return (optax.adam(sched_g, b1=b1, b2=b2), optax.adam(sched_d, b1=b1, b2=b2),
-          sched_g, sched_d)
+  eps = config.get('adam_eps', 1e-8)
+  return (optax.adam(sched_g, b1=b1, b2=b2, eps=eps),
+          optax.adam(sched_d, b1=b1, b2=b2, eps=eps), sched_g, sched_d)
 
 
 # ---------------------------------------------------------------------------

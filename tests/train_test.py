@@ -117,6 +117,19 @@ def test_lr_schedule_is_constant_then_linear_by_epoch():
   assert float(flat(1000)) == 0.5
 
 
+def test_adam_eps_is_used_and_checked():
+  config = tiny_config(lr=2e-4, adam_eps=1.0)
+  tx_g, tx_d, _, _ = train.make_optimizers(config, steps_per_epoch=10)
+  grads = {'w': jnp.array([1e-3, -2.0, 0.0])}
+  # First step with beta1=0: -lr * g / (|g| + eps).
+  for tx, lr in ((tx_g, 1e-4), (tx_d, 4e-4)):
+    updates, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(updates['w'], -lr * grads['w'] / (
+        np.abs(grads['w']) + 1.0), rtol=1e-5)
+  with pytest.raises(ValueError, match='adam_eps=0.0 must be positive'):
+    train.validate_config(tiny_config(adam_eps=0.0))
+
+
 def test_ttur_and_plain_adam_settings():
   config = tiny_config(lr=2e-4)
   assert train.learning_rates(config) == (1e-4, 4e-4, 0.0, 0.9)
@@ -408,14 +421,24 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
   """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4.
 
   Each process reads its half of every global batch from the shared data
-  set. The runs use Adam as training does: Adam divides each gradient by its
-  own magnitude, so the few gradients that are zero up to rounding (biases in
-  front of a BatchNorm) become steps of either sign; the parameters are
-  therefore compared elementwise for almost all elements and normwise for
-  the whole update. (Crop 64: see test_one_device_and_eight_devices_agree.)
+  set. What differs is the order of float32 summations, which this tiny
+  network amplifies (BatchNorm over 2x2 and 4x4 maps), so the comparison is
+  kept well-conditioned:
+  - adam_eps=1, far above the gradients: Adam's first steps are otherwise
+    about lr * sign(gradient), and gradients that are zero up to rounding
+    (biases in front of a BatchNorm) take full steps of either sign.
+  - the plain one-hot convolution (spade_label_lookup=False): the lookup's
+    kernel gradient is a scatter-add whose float32 accumulation order
+    depends on how XLA compiles and partitions the program; measured here,
+    the 1 x 4 run with the lookup then differed from the plain path by
+    2e-4 (generator update) while 2 x 2 with the lookup matched it to 5e-8.
+    The lookup equals the plain path to rounding (fast_paths_test.py), and
+    1 vs 8 devices with the lookup is test_one_device_and_eight_devices_agree.
+  (Crop 64: see test_one_device_and_eight_devices_agree.)
   """
   changes = dict(num_train_steps=2, batch_size=8, crop_size=64, load_size=72,
-                 checkpoint_every_steps=2, image_every_steps=1000)
+                 checkpoint_every_steps=2, image_every_steps=1000,
+                 adam_eps=1.0, lr=0.5, spade_label_lookup=False)
   config = tiny_config(data_dir=data_dir, **changes)
   one = tmp_path / 'one'
   proc = _run(_main_cmd(one, data_dir, **changes), _with_devices(env, 4))
@@ -432,10 +455,19 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
     assert p.returncode == 0, err[-5000:]
   assert 'process 1 / 2, 2 local devices of 4' in errs[1], errs[1][-3000:]
 
-  # Same losses (the log line of step 2, rounded to 6 digits).
-  loss_line = lambda text: [l.split('] [2] ')[1].split(', train/images')[0]
-                            for l in text.splitlines() if '] [2] train/' in l]
-  assert loss_line(proc.stderr) == loss_line(errs[0]) != []
+  # Same losses (the log line of step 2, printed to 6 digits).
+  def losses_at_step_2(text):
+    line = [l for l in text.splitlines() if '] [2] train/' in l]
+    assert len(line) == 1, text[-3000:]
+    pairs = [kv.split('=') for kv in line[0].split('] [2] ')[1].split(', ')]
+    return {k: float(v) for k, v in pairs
+            if k not in ('train/images_per_s', 'train/steps_per_s')}
+  one_losses, two_losses = losses_at_step_2(proc.stderr), losses_at_step_2(
+      errs[0])
+  assert one_losses.keys() == two_losses.keys()
+  assert {'train/G_GAN_Feat', 'train/D_Fake'} <= one_losses.keys()
+  for key, value in one_losses.items():
+    assert two_losses[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
   step_one, state_one = _final_state(one, config)
   step_two, state_two = _final_state(two, config)
@@ -446,17 +478,13 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]).astype(
           np.float64)
-  for field, normwise in (('g_params', 2e-2), ('d_params', 2e-3),
-                          ('g_stats', 1e-3), ('d_stats', 1e-3)):
+  for field in ('g_params', 'd_params', 'g_stats', 'd_stats'):
     start = flat(getattr(init, field))
     a = flat(getattr(state_one, field)) - start
     b = flat(getattr(state_two, field)) - start
     assert np.linalg.norm(a) > 0, field
     err = np.linalg.norm(a - b) / np.linalg.norm(a)
-    assert err < normwise, (field, err)
-    if field.endswith('params'):
-      close = np.mean(np.abs(a - b) <= 1e-6 + 1e-4 * np.abs(a))
-      assert close > 0.99, (field, close)
+    assert err < 1e-4, (field, err)
 
 
 def test_non_finite_loss_stops_without_overwriting(tmp_path, straight_run,
