@@ -22,7 +22,9 @@ EXTRAS_REQUIRE = {
     # Only for reading reference PyTorch checkpoints (.pth) and torchvision
     # VGG19 / pytorch-fid Inception weight files. CPU build.
     "torch": ["torch==2.13.0"],
-    "test": ["pytest==9.2.0"],
+    # selenium drives Debian's chromium + chromium-driver in
+    # tests/serve_browser_test.py (it never downloads a driver).
+    "test": ["pytest==9.2.0", "selenium==4.50.0"],
 }
 
 setuptools.setup(
@@ -32,6 +34,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["spade_jax", "spade_jax.*",
                                                "data_pipelines", "data_pipelines.*",
                                                "configs"]),
+    # The web app's page (spade_jax.serve).
+    package_data={"spade_jax": ["serve_page.html"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

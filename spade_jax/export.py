@@ -17,6 +17,12 @@ reads it. Beside it:
                                  (--batch_size, --height, --width), float32
                                  matrix products (--matmul_precision)
   OUT/generator_signature.json   its inputs and output (names, shapes, dtypes)
+  OUT/classes.json               the classes' names and colours, when known:
+                                 from the source model folder's classes.json,
+                                 the training data's dataset_info.json
+                                 (config.data_dir, or a synthetic run's
+                                 WORKDIR/data/synthetic), or the synthetic
+                                 set's own (see `class_metadata`)
 
 The module needs only JAX to run, not spade_jax:
 
@@ -165,6 +171,51 @@ def load_inference_variables(
   return config, inference_variables(state, use_ema), step
 
 
+def _info_classes(data_dir: str) -> Optional[Dict]:
+  """Names and colours from a built data set's dataset_info.json, or None."""
+  if not data_dir:
+    return None
+  from data_pipelines import records  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(data_dir, records.INFO_FILE)):
+    return None
+  try:
+    info = records.DatasetInfo.load(data_dir)
+  except (OSError, ValueError, TypeError) as e:
+    logging.warning('Cannot read the class names and colours of %s: %s',
+                    data_dir, e)
+    return None
+  if not info.class_names and not info.colors:
+    return None
+  return {'names': info.class_names, 'colors': info.colors}
+
+
+def class_metadata(config: ml_collections.ConfigDict,
+                   source: str) -> Optional[Dict]:
+  """{'names', 'colors'} of the model's classes (either may be None), or None.
+
+  Looked up, in order: `source`'s classes.json when it is a model folder; the
+  training data's dataset_info.json (config.data_dir, or for a synthetic run
+  without one, `source`/data/synthetic where training generated it); the
+  synthetic set's own names and colours for dataset='synthetic'.
+  """
+  if is_model_folder(source):
+    found = model_io.load_classes(source)
+    if found is not None:
+      return found
+  data_dir = config.get('data_dir', '')
+  if (not data_dir and config.get('dataset') == 'synthetic'
+      and not is_model_folder(source)):
+    data_dir = os.path.join(source, 'data', 'synthetic')
+  found = _info_classes(data_dir)
+  if found is not None:
+    return found
+  if config.get('dataset') == 'synthetic':
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    return {'names': list(synthetic.CLASS_NAMES),
+            'colors': [list(c) for c in synthetic.CLASS_COLORS]}
+  return None
+
+
 # ---------------------------------------------------------------------------
 # The jax.export module.
 # ---------------------------------------------------------------------------
@@ -265,6 +316,9 @@ def export(source: str, output: str, *, step: Optional[int] = None,
     raise ValueError('--output must differ from the source folder.')
   config, variables, step = load_inference_variables(source, step, use_ema)
   model_io.save_model(output, config, variables)
+  classes = class_metadata(config, source)
+  if classes is not None:
+    model_io.save_classes(output, classes['names'], classes['colors'])
   if with_jax_export:
     module, signature = export_generator(config, variables['generator'],
                                          batch_size, size, platforms,

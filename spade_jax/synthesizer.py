@@ -54,6 +54,11 @@ class Synthesizer:
   def num_classes(self) -> int:
     return models.num_classes(self.config)
 
+  @property
+  def has_encoder(self) -> bool:
+    """Whether style images can be encoded (a VAE model with its encoder)."""
+    return self._encoder is not None
+
   # -------------------------------------------------------------------------
   def _generate_fn(self, g_vars, label, instance, z):
     edges = None if instance is None else layers.instance_edges(instance)

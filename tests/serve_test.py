@@ -1,0 +1,502 @@
+"""spade_jax.serve: the HTTP API, its checks, the single worker, the CLI.
+
+Servers run in-process on a free loopback port with tiny random-init models;
+their images are compared with what the Synthesizer gives for the same input.
+"""
+import concurrent.futures
+import io
+import json
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import http.client
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from data_pipelines import records
+from data_pipelines import synthetic
+from export_test import make_workdir
+from export_test import tiny_config
+from spade_jax import export
+from spade_jax import model_io
+from spade_jax import serve
+from spade_jax import visualize
+from synthesize_test import blocky_label
+from synthesize_test import pil_nearest
+from synthesize_test import save_model
+
+
+# ---------------------------------------------------------------------------
+# Helpers (also used by serve_browser_test.py).
+# ---------------------------------------------------------------------------
+def png(array, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(array)).save(buf, format='PNG', **kwargs)
+  return buf.getvalue()
+
+
+def multipart(fields):
+  """{name: bytes | str} -> (body, content type) of multipart/form-data."""
+  boundary = 'spadeTestBoundary7MA4YWxkTrZu0gW'
+  out = []
+  for name, value in fields.items():
+    if isinstance(value, str):
+      value = value.encode()
+      disposition = f'form-data; name="{name}"'
+    else:
+      disposition = f'form-data; name="{name}"; filename="{name}.bin"'
+    out.append(f'--{boundary}\r\nContent-Disposition: {disposition}\r\n'
+               'Content-Type: application/octet-stream\r\n\r\n'.encode())
+    out.append(value + b'\r\n')
+  out.append(f'--{boundary}--\r\n'.encode())
+  return b''.join(out), f'multipart/form-data; boundary={boundary}'
+
+
+def request(url, path, method='GET', body=None, content_type=None,
+            headers=None):
+  """(status, headers, body bytes); HTTP errors are returned, not raised."""
+  req = urllib.request.Request(url.rstrip('/') + path, data=body,
+                               method=method, headers=dict(headers or {}))
+  if content_type:
+    req.add_header('Content-Type', content_type)
+  try:
+    with urllib.request.urlopen(req, timeout=120) as r:
+      return r.status, r.headers, r.read()
+  except urllib.error.HTTPError as e:
+    return e.code, e.headers, e.read()
+
+
+def post(url, fields, path='/api/synthesize'):
+  body, content_type = multipart(fields)
+  return request(url, path, 'POST', body, content_type)
+
+
+def decode_png(data):
+  return np.asarray(Image.open(io.BytesIO(data)))
+
+
+class RunningServer:
+  """A serve.Server on 127.0.0.1:0, serving from a thread."""
+
+  def __init__(self, model, **kwargs):
+    self.server = serve.Server(serve.App(model, **kwargs), '127.0.0.1', 0)
+    self.server.start(warm_up=True)
+    self.thread = threading.Thread(target=self.server.serve_forever,
+                                   daemon=True)
+    self.thread.start()
+    self.url = self.server.url
+    self.worker = self.server.app.worker
+
+  def stop(self):
+    self.server.shutdown()
+    self.server.close()
+    self.thread.join(10)
+
+
+def expected_image(synth, label, instance=None, z=None):
+  """What the server should answer: the Synthesizer's uint8 image."""
+  if instance is None and not synth.config.no_instance:
+    instance = label
+  out = synth(label[None], None if instance is None else instance[None],
+              z=None if z is None else z[None])
+  return visualize.image_to_uint8(out[0])
+
+
+def assert_close(got, want):
+  assert got.shape == want.shape
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------
+# Fixtures.
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp('serve')
+
+
+@pytest.fixture(scope='module')
+def plain(root):
+  """A synthetic-set model with instance maps (no classes.json)."""
+  folder = save_model(str(root / 'plain'), tiny_config(dataset='synthetic'))
+  model = serve.load_model(folder)
+  running = RunningServer(model)
+  yield running, model
+  running.stop()
+
+
+@pytest.fixture(scope='module')
+def vae(root):
+  """A custom-data VAE model with a don't-care class, no instance maps."""
+  config = tiny_config(dataset='custom', use_vae=True, no_instance=True,
+                       contain_dontcare_label=True, z_dim=16)
+  folder = save_model(str(root / 'vae'), config, seed=4)
+  model = serve.load_model(folder)
+  running = RunningServer(model)
+  yield running, model
+  running.stop()
+
+
+# ---------------------------------------------------------------------------
+# API.
+# ---------------------------------------------------------------------------
+def test_page_and_classes(plain):
+  running, _ = plain
+  status, headers, body = request(running.url, '/')
+  assert status == 200 and headers['Content-Type'].startswith('text/html')
+  assert b'<canvas id="paint"' in body and b'api/synthesize' in body
+  status, _, body = request(running.url, '/api/classes')
+  assert status == 200
+  info = json.loads(body)
+  assert info['num_classes'] == 8
+  assert info['names'] == list(synthetic.CLASS_NAMES)
+  assert info['colors'] == [list(c) for c in synthetic.CLASS_COLORS]
+  assert info['image_size'] == [32, 32]
+  assert info['use_vae'] is False and info['has_encoder'] is False
+  assert info['no_instance'] is False
+  assert info['dontcare'] is None and info['eraser_id'] == 0
+  assert info['has_samples'] is True
+
+
+def test_synthesize_matches_synthesizer(plain):
+  running, model = plain
+  synth = model.synth
+  raw = blocky_label(40, 48, 1).astype(np.uint8)  # Resized to 32x32.
+  status, headers, body = post(running.url, {'label': png(raw)})
+  assert status == 200, body
+  assert headers['Content-Type'] == 'image/png'
+  got = decode_png(body)
+  assert got.shape == (32, 32, 3)
+  label = pil_nearest(raw.astype(np.int32), 32, 32)
+  assert_close(got, expected_image(synth, label))
+
+  # An instance map of its own gives another image, the Synthesizer's.
+  instance = (raw.astype(np.int32) * 3 + (np.arange(48) >= 20)).astype(
+      np.uint16)
+  status, _, body = post(running.url, {'label': png(raw),
+                                       'instance': png(instance)})
+  assert status == 200, body
+  with_instance = decode_png(body)
+  assert_close(with_instance, expected_image(
+      synth, label, pil_nearest(instance.astype(np.int32), 32, 32)))
+  assert np.abs(with_instance.astype(int) - got.astype(int)).max() > 5
+
+  # The same ids as an RGB PNG with equal channels, and as a bare PNG body.
+  rgb = np.repeat(raw[..., None], 3, axis=2)
+  status, _, body = post(running.url, {'label': png(rgb)})
+  assert status == 200, body
+  np.testing.assert_array_equal(decode_png(body), got)
+  status, _, body = request(running.url, '/api/synthesize', 'POST', png(raw),
+                            'image/png')
+  assert status == 200, body
+  np.testing.assert_array_equal(decode_png(body), got)
+
+
+def _raw_http(url, lines, body=b''):
+  """Sends a hand-written request; returns (status, JSON body)."""
+  host, port = url.split('//')[1].strip('/').split(':')
+  conn = http.client.HTTPConnection(host, int(port), timeout=60)
+  conn.putrequest(lines[0], lines[1], skip_accept_encoding=True)
+  for k, v in lines[2:]:
+    conn.putheader(k, v)
+  conn.endheaders(body or None)
+  r = conn.getresponse()
+  out = r.status, json.loads(r.read())
+  conn.close()
+  return out
+
+
+def test_bad_requests_get_json_errors_and_server_keeps_serving(plain):
+  running, model = plain
+  url = running.url
+  good = png(blocky_label(32, 32, 2).astype(np.uint8))
+  jpeg = io.BytesIO()
+  Image.fromarray(np.zeros((32, 32), np.uint8)).save(jpeg, format='JPEG')
+  colour = np.zeros((32, 32, 3), np.uint8)
+  colour[..., 0] = 5
+  out_of_range = blocky_label(32, 32, 3).astype(np.uint8)
+  out_of_range[:4, :4] = 9
+  out_of_range[-2:, -2:] = 200
+  body_limit = running.server.app.max_body_bytes
+
+  multipart_cases = [
+      ({'label': b'this is not a png'}, 400, 'cannot decode the label map'),
+      ({'label': jpeg.getvalue()}, 400, 'is a JPEG image: send a PNG'),
+      ({'label': png(colour)}, 400, 'colour image (1024 pixels'),
+      ({'label': png(out_of_range)}, 400,
+       "class ids [9, 200] at 20 pixels, outside this model's range 0..7"),
+      ({'instance': good}, 400, "missing the 'label' field"),
+      ({'label': good, 'style': good}, 400,
+       "'style' field needs a VAE model"),
+      ({'label': good, 'seed': '3'}, 400, "'seed' field needs a VAE model"),
+      ({'label': good, 'colour': 'red'}, 400, "unknown fields ['colour']"),
+      ({'label': good, 'ids': 'rgb'}, 400, "ids='rgb'"),
+      ({'label': good, 'instance': png(np.zeros((8, 8), np.uint8))}, 400,
+       'the instance map is 8x8 but the label map is 32x32'),
+      ({'label': good + b'\0' * (body_limit + 1)}, 413,
+       f'the limit is {body_limit} bytes'),
+  ]
+  for fields, status, message in multipart_cases:
+    got, headers, body = post(url, fields)
+    assert got == status, (fields.keys(), body[:300])
+    assert headers['Content-Type'] == 'application/json'
+    assert message in json.loads(body)['error'], body
+
+  other_cases = [
+      (('GET', '/api/synthesize'), None, None, 405, 'use POST'),
+      (('DELETE', '/'), None, None, 405, 'DELETE is not allowed on /'),
+      (('GET', '/api/nothing'), None, None, 404, "no such path '/api/nothing'"),
+      (('POST', '/api/synthesize'), b'{}', 'application/json', 415,
+       "Content-Type 'application/json'"),
+      (('POST', '/api/synthesize'), b'--x\r\nContent-Disposition: '
+       b'form-data; name="label"\r\n\r\nabc', 'multipart/form-data; '
+       'boundary=x', 400, 'no closing boundary'),
+      (('GET', '/api/sample?seed=abc'), None, None, 400,
+       "seed='abc' is not an integer"),
+  ]
+  for (method, path), body, content_type, status, message in other_cases:
+    got, headers, answer = request(url, path, method, body, content_type)
+    assert got == status, (method, path, answer[:300])
+    assert message in json.loads(answer)['error'], answer
+  _, headers, _ = request(url, '/api/synthesize')
+  assert headers['Allow'] == 'POST'
+
+  # Refused from the headers alone: a huge Content-Length, none at all.
+  status, answer = _raw_http(url, ['POST', '/api/synthesize',
+                                   ('Content-Length', str(10**12)),
+                                   ('Content-Type', 'image/png')])
+  assert status == 413 and 'the limit is' in answer['error']
+  status, answer = _raw_http(url, ['POST', '/api/synthesize',
+                                   ('Content-Type', 'image/png')])
+  assert status == 411 and 'Content-Length' in answer['error']
+
+  # Still serving.
+  status, _, body = post(url, {'label': good})
+  assert status == 200
+  assert decode_png(body).shape == (32, 32, 3)
+
+
+def test_concurrent_requests_share_one_worker(plain):
+  running, model = plain
+  worker = running.worker
+  before = worker.jobs_done
+  labels = [blocky_label(32, 32, 10 + i).astype(np.uint8) for i in range(4)]
+  start = threading.Barrier(4)
+
+  def call(label):
+    start.wait()
+    return post(running.url, {'label': png(label)})
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    answers = list(pool.map(call, labels))
+  for label, (status, _, body) in zip(labels, answers):
+    assert status == 200, body
+    assert_close(decode_png(body), expected_image(model.synth,
+                                                  label.astype(np.int32)))
+  assert worker.jobs_done - before == 4
+  # Every generation (warm-up included) ran on the worker thread alone.
+  assert worker.thread_ids == {worker.ident}
+  assert worker.ident != threading.get_ident()
+
+
+def test_worker_batches_waiting_jobs(plain):
+  _, model = plain
+  worker = serve.Worker(model.synth, max_batch=4)
+  labels = [blocky_label(32, 32, 20 + i).astype(np.int32) for i in range(5)]
+  jobs = [serve.Job(label, label) for label in labels[:4]]
+  futures = [worker.submit(job) for job in jobs]  # Queued before start.
+  worker.start()
+  try:
+    for label, future in zip(labels, futures):
+      got = visualize.image_to_uint8(future.result(timeout=120))
+      assert_close(got, expected_image(model.synth, label))
+    alone = worker.submit(serve.Job(labels[4], labels[4]))
+    assert_close(visualize.image_to_uint8(alone.result(timeout=120)),
+                 expected_image(model.synth, labels[4]))
+  finally:
+    worker.stop()
+  assert worker.batch_sizes == [4, 1]
+  assert worker.thread_ids == {worker.ident}
+
+
+def test_vae_seeds_style_and_dontcare(vae):
+  running, model = vae
+  url = running.url
+  status, _, body = request(url, '/api/classes')
+  info = json.loads(body)
+  assert info['use_vae'] is True and info['has_encoder'] is True
+  assert info['names'] == [f'class {i}' for i in range(8)]
+  palette = visualize.default_palette(256)
+  assert info['colors'] == palette[:8].tolist()
+  assert info['dontcare'] == {'id': 8, 'value': 255, 'name': "don't care",
+                              'color': palette[8].tolist()}
+  assert info['eraser_id'] == 255 and info['has_samples'] is False
+
+  label = blocky_label(32, 32, 5).astype(np.uint8)
+  label[:6] = 255  # Don't-care rows are fine.
+  images = {}
+  for seed in ('1', '2', '1'):
+    status, headers, body = post(url, {'label': png(label), 'seed': seed})
+    assert status == 200, body
+    assert headers['X-Seed'] == seed
+    images.setdefault(seed, []).append(decode_png(body).astype(int))
+  np.testing.assert_array_equal(images['1'][0], images['1'][1])
+  assert np.abs(images['1'][0] - images['2'][0]).mean() > 1
+  # The z of seed 1 is jax.random.normal(PRNGKey(1)).
+  import jax  # pylint: disable=g-import-not-at-top
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (16,)))
+  ids = np.where(label == 255, 8, label).astype(np.int32)
+  assert_close(images['1'][0].astype(np.uint8),
+               expected_image(model.synth, ids, z=z))
+
+  style = np.random.default_rng(0).integers(0, 256, (50, 60, 3), np.uint8)
+  status, _, body = post(url, {'label': png(label), 'seed': '1',
+                               'style': png(style)})
+  assert status == 200, body
+  assert np.abs(decode_png(body).astype(int) - images['1'][0]).mean() > 1
+
+  for fields, message in [
+      ({'seed': '-1'}, 'outside 0..4294967295'),
+      ({'seed': 'x'}, "seed='x' is not an integer"),
+      ({'style': b'not an image'}, 'cannot decode the style image'),
+      ({'instance': png(label)}, 'uses no instance maps'),
+  ]:
+    status, _, body = post(url, dict(label=png(label), **fields))
+    assert status == 400 and message in json.loads(body)['error'], body
+  bad = label.copy()
+  bad[0, 0] = 9
+  status, _, body = post(url, {'label': png(bad)})
+  assert status == 400
+  assert "[9] at 1 pixel, outside this model's range 0..7, or 255" in (
+      json.loads(body)['error'])
+  status, _, body = request(url, '/api/sample')
+  assert status == 404 and 'no sample label maps' in json.loads(body)['error']
+
+
+def test_labelmap_and_sample(plain, vae):
+  running, _ = plain
+  raw = blocky_label(40, 48, 1).astype(np.uint8)
+  status, _, body = post(running.url, {'label': png(raw)}, '/api/labelmap')
+  assert status == 200, body
+  got = json.loads(body)
+  assert (got['height'], got['width'], got['original_size']) == (32, 32,
+                                                                 [40, 48])
+  np.testing.assert_array_equal(np.reshape(got['ids'], (32, 32)),
+                                pil_nearest(raw.astype(np.int32), 32, 32))
+  status, _, body = request(running.url, '/api/sample?seed=4')
+  assert status == 200
+  sample = np.reshape(json.loads(body)['ids'], (32, 32))
+  assert sample.min() >= 0 and sample.max() < 8
+  assert len(np.unique(sample)) >= 3  # A scene, not a blank map.
+  # The page shows don't-care as 255; data-set ids are mapped on request.
+  vae_running, _ = vae
+  label = np.full((32, 32), 255, np.uint8)
+  label[0, :3] = [0, 3, 7]
+  status, _, body = post(vae_running.url, {'label': png(label)},
+                         '/api/labelmap')
+  ids = json.loads(body)['ids']
+  assert ids[:4] == [0, 3, 7, 255] and set(ids[4:]) == {255}
+
+
+def test_export_writes_classes_and_cli_serves_a_workdir(root, plain):
+  # A model folder of the synthetic set: its names and colours.
+  _, model = plain
+  out = str(root / 'exported')
+  export.export(model.source, out, with_jax_export=False)
+  assert model_io.load_classes(out) == {
+      'names': list(synthetic.CLASS_NAMES),
+      'colors': [list(c) for c in synthetic.CLASS_COLORS]}
+
+  # A training workdir of a built data set: its dataset_info.json's.
+  data = root / 'data'
+  data.mkdir()
+  names = [f'thing{i}' for i in range(8)]
+  colors = [[i * 30, 255 - i * 30, 7] for i in range(8)]
+  records.DatasetInfo(dataset='custom', label_nc=8,
+                      contain_dontcare_label=False, has_instance=False,
+                      class_names=names, colors=colors).save(str(data))
+  workdir = str(root / 'run')
+  make_workdir(workdir, tiny_config(dataset='custom', data_dir=str(data),
+                                    no_instance=True))
+  out = str(root / 'exported_run')
+  export.export(workdir, out, with_jax_export=False)
+  assert model_io.load_classes(out) == {'names': names, 'colors': colors}
+
+  # The CLI serves the workdir itself (its latest checkpoint) and stops on
+  # SIGTERM.
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'spade_jax.serve', '--model', workdir,
+       '--port', '0'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    line = _read_line(proc, timeout=120)
+    assert line.startswith(f'Serving {workdir} at http://127.0.0.1:'), line
+    url = line.split(' at ')[1].split()[0]
+    status, _, body = request(url, '/api/classes')
+    info = json.loads(body)
+    assert (info['names'], info['colors'], info['step']) == (names, colors, 3)
+    status, _, body = post(url, {'label': png(np.zeros((32, 32),
+                                                       np.uint8))})
+    assert status == 200 and decode_png(body).shape == (32, 32, 3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'Stopped.' in stdout
+  assert '"GET /api/classes HTTP/1.1" 200' in stderr  # Requests are logged.
+  assert '"POST /api/synthesize HTTP/1.1" 200' in stderr
+
+
+def test_cli_stops_on_ctrl_c(plain):
+  _, model = plain
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
+       '--port', '0'], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    url = _read_line(proc, timeout=120).split(' at ')[1].split()[0]
+    assert url.startswith('http://127.0.0.1:')  # Loopback by default.
+    status, _, body = request(url, '/')
+    assert status == 200 and b'<canvas' in body
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'SIGINT: stopping.' in stderr and 'Stopped.' in stdout
+
+
+def _read_line(proc, timeout):
+  """The first stdout line of `proc`, or a failure with its stderr."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    ready, _, _ = select.select([proc.stdout], [], [], 1)
+    if ready:
+      line = proc.stdout.readline()
+      if line:
+        return line.strip()
+    if proc.poll() is not None:
+      break
+  proc.kill()
+  _, stderr = proc.communicate()
+  pytest.fail(f'the server printed no URL: {stderr[-3000:]}')
+
+
+def test_cli_reports_a_missing_model(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'spade_jax.serve', '--model',
+       str(tmp_path / 'none')], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert f'ERROR: {tmp_path / "none"} does not exist' in proc.stderr
