@@ -111,5 +111,8 @@ def get_config():
   config.inception_weights = ''
   # Images of config.eval_split used for FID (0: all of them).
   config.fid_num_images = 0
+  # Training computes FID every this many steps (and at the last step) on
+  # process 0, written as eval/fid; 0: never. Needs inception_weights.
+  config.fid_every_steps = 0
 
   return config

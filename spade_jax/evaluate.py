@@ -74,9 +74,14 @@ def make_generate_fn(config):
 
 def fid_statistics(config, g_vars, data_dir: str,
                    extractor: fid.FeatureExtractor,
-                   num_images: int = 0
-                   ) -> Tuple[fid.RunningStatistics, fid.RunningStatistics]:
-  """Inception statistics of (generated, real) images of the eval split."""
+                   num_images: int = 0, with_real: bool = True
+                   ) -> Tuple[fid.RunningStatistics,
+                              Optional[fid.RunningStatistics]]:
+  """Inception statistics of (generated, real) images of the eval split.
+
+  `with_real=False` skips the real images (returns None for them): training
+  computes their statistics once and reuses them.
+  """
   generate = make_generate_fn(config)
   dataset = input_pipeline.create_split(
       config, data_dir, config.eval_split, train=False, process_index=0,
@@ -86,17 +91,44 @@ def fid_statistics(config, g_vars, data_dir: str,
   for i, batch in enumerate(input_pipeline.numpy_batches(dataset)):
     keep = np.array(batch['valid'], bool)
     if num_images:
-      keep &= np.cumsum(keep) <= num_images - real_stats.count
+      keep &= np.cumsum(keep) <= num_images - fake_stats.count
     if not keep.any():
       break
     fake = np.asarray(generate(g_vars, batch['label'],
                                batch['instance_edges'],
                                jax.random.fold_in(rng, i)))
     fake_stats.add(extractor(visualize.image_to_uint8(fake[keep])))
-    real_stats.add(extractor(visualize.image_to_uint8(batch['image'][keep])))
-    if num_images and real_stats.count >= num_images:
+    if with_real:
+      real_stats.add(extractor(visualize.image_to_uint8(
+          batch['image'][keep])))
+    if num_images and fake_stats.count >= num_images:
       break
-  return fake_stats, real_stats
+  return fake_stats, real_stats if with_real else None
+
+
+class TrainingFID:
+  """FID every `config.fid_every_steps` training steps (process 0 only).
+
+  Loads the Inception weights once, computes the real images' statistics at
+  the first call and reuses them; each call generates the eval images with
+  the current generator variables.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, data_dir: str):
+    self._config = config
+    self._data_dir = data_dir
+    self._num_images = int(config.get('fid_num_images', 0))
+    self._extractor = fid.FeatureExtractor(load_inception(config),
+                                           batch_size=config.batch_size)
+    self._real = None
+
+  def __call__(self, g_vars) -> float:
+    fake, real = fid_statistics(self._config, g_vars, self._data_dir,
+                                self._extractor, self._num_images,
+                                with_real=self._real is None)
+    if self._real is None:
+      self._real = real.mean_cov()
+    return fid.frechet_distance(*self._real, *fake.mean_cov())
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -87,6 +87,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'batch_size={config.batch_size} is not divisible by the '
         f'{jax.device_count()} devices: the batch is split evenly over them.')
+  if config.get('fid_every_steps', 0) > 0 and not config.get(
+      'inception_weights', ''):
+    from spade_jax import inception  # pylint: disable=g-import-not-at-top
+    raise ValueError(
+        f'fid_every_steps={config.fid_every_steps} computes FID during '
+        'training and needs config.inception_weights (or set '
+        'fid_every_steps=0). ' + inception.HOW_TO_GET)
   if not config.get('adam_eps', 1e-8) > 0:
     raise ValueError(f'adam_eps={config.adam_eps} must be positive.')
   if config.gan_mode not in losses.GAN_MODES:
@@ -538,6 +545,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     process_count=1)))
     sample_batch = {k: v[:8] for k, v in eval_batches[0].items()}
 
+  fid_every = int(config.get('fid_every_steps', 0))
+  training_fid = None
+  if chief and fid_every > 0:
+    from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
+    training_fid = evaluate.TrainingFID(config, data_dir)
+
   def write_samples_and_error(step):
     if not chief:
       return
@@ -548,6 +561,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     err = evaluate_color_error(generate, g_vars, eval_batches,
                                models.num_classes(config))
     writer.write_scalars(step, {'eval/class_color_error': err})
+
+  def write_fid(step):
+    if training_fid is None:
+      return
+    score = training_fid(generator_variables(state))
+    writer.write_scalars(step, {'eval/fid': score})
+    logging.info('FID at step %d: %.4f', step, score)
 
   start = int(jax.device_get(state.step))
   train_iter = input_pipeline.numpy_batches(input_pipeline.create_split(
@@ -583,6 +603,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history, last_log_time, last_log_step = [], now, step
       if step % config.image_every_steps == 0 or is_last:
         write_samples_and_error(step)
+      if fid_every > 0 and (step % fid_every == 0 or is_last):
+        write_fid(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop_now:
         if history:
           history = jax.device_get(history)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
 
 from configs import default
 from data_pipelines import synthetic
@@ -166,6 +167,14 @@ def test_missing_data_dir_is_named(tmp_path):
   config.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(Exception, match='nowhere'):
     train.resolve_data_dir(config, str(tmp_path))
+
+
+def test_fid_during_training_without_weights_says_what_to_get():
+  with pytest.raises(ValueError) as info:
+    train.validate_config(tiny_config(fid_every_steps=100))
+  message = str(info.value)
+  assert 'inception_weights' in message and 'fid_every_steps=0' in message
+  assert 'pt_inception' in message
 
 
 def test_unknown_gan_mode_is_rejected():
@@ -347,9 +356,19 @@ def test_one_device_and_eight_devices_agree(tmp_path, env):
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def straight_run(tmp_path_factory, data_dir, env):
-  """8 steps without interruption; reused by several tests."""
+  """8 steps without interruption; reused by several tests.
+
+  With FID every 4 steps on 4 images (random Inception weights): it runs on
+  process 0 beside training and leaves the training state untouched (the
+  resume test compares this run bit for bit).
+  """
+  from evaluate_test import write_random_inception  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('straight')
-  proc = _run(_main_cmd(workdir, data_dir, num_train_steps=8), env)
+  weights = write_random_inception(
+      tmp_path_factory.mktemp('inception') / 'inception.pth')
+  proc = _run(_main_cmd(workdir, data_dir, num_train_steps=8,
+                        fid_every_steps=4, fid_num_images=4,
+                        inception_weights=weights), env)
   return workdir, proc
 
 
@@ -372,6 +391,13 @@ def test_main_writes_events_images_and_checkpoints(straight_run):
   image_tags = set(tags.get('images', [])) | {
       t for t in scalar_tags if 'samples' in t}
   assert any('samples' in t for t in image_tags), tags
+  fids = acc.Tensors('eval/fid') if 'eval/fid' in tags.get(
+      'tensors', []) else acc.Scalars('eval/fid')
+  assert [e.step for e in fids] == [4, 8], tags
+  values = [float(tf.make_ndarray(e.tensor_proto)) if hasattr(
+      e, 'tensor_proto') else e.value for e in fids]
+  assert all(np.isfinite(v) and v >= 0 for v in values), values
+  assert 'FID at step 8: ' in proc.stderr
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(
       os.path.join(workdir, 'checkpoints', '*')) if
                  os.path.basename(p).isdigit())
