@@ -1,16 +1,24 @@
 r"""Converts reference PyTorch SPADE checkpoints into spade_jax model folders.
 
-  python -m spade_jax.convert --reference_dir DIR --opt OPT.json --output OUT
+  python -m spade_jax.convert --reference_dir DIR --opt OPT.json --output OUT \
+      [--which_epoch latest] [--data_dir DATA]
 
 DIR holds the reference's `latest_net_G.pth` (or `net_G.pth`, or
 `{epoch}_net_G.pth` with --which_epoch) and, when present, the D and E files.
 OPT.json holds the reference's options (as in its `opt.txt`). The output is a
-model folder (see `model_io.py`) that `Synthesizer.load` and training's
-`config.init_from` read.
+model folder (see `model_io.py`) that `Synthesizer.load`, training's
+`config.init_from` and `spade_jax.serve` read.
+
+Reference checkpoints carry no class names. With --data_dir, a built data set
+folder (`python -m data_pipelines.build ... --data_dir DATA`; its
+dataset_info.json), OUT also gets classes.json: the data set's class names
+and colours, which `spade_jax.serve` shows. The data set's label_nc must be
+the model's (an error names both otherwise; nothing is written).
 """
 import json
 import os
 import re
+import sys
 from typing import Dict, Optional, Tuple
 
 from absl import app
@@ -21,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from configs import default as default_config
+from spade_jax import export
 from spade_jax import model_io
 from spade_jax import models
 
@@ -366,14 +375,29 @@ def find_checkpoint(reference_dir: str, net: str,
 
 
 def convert(reference_dir: str, opt_path: str, output: str,
-            which_epoch: str = 'latest') -> ml_collections.ConfigDict:
-  """Converts a reference run folder; returns the config written."""
+            which_epoch: str = 'latest',
+            data_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+  """Converts a reference run folder; returns the config written.
+
+  With `data_dir` (a built data set folder), OUT/classes.json gets its class
+  names and colours; its label_nc must be the model's.
+  """
   try:
     with open(opt_path) as f:
       opt = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ConversionError(f'Cannot read the option file {opt_path}: {e}')
   config = config_from_options(opt)
+  classes = None
+  if data_dir:
+    if not os.path.isdir(data_dir):
+      raise ConversionError(
+          f'--data_dir {data_dir} is not a folder: pass a built data set '
+          'folder (with dataset_info.json).')
+    try:
+      classes = export.read_class_source(data_dir, config.label_nc)
+    except (OSError, ValueError) as e:
+      raise ConversionError(f'--data_dir: {e}') from None
   g_path = find_checkpoint(reference_dir, 'G', which_epoch)
   if g_path is None:
     raise ConversionError(
@@ -387,24 +411,43 @@ def convert(reference_dir: str, opt_path: str, output: str,
   logging.info('Converting %s', ', '.join(f'net_{k}' for k in states))
   variables = convert_state_dicts(config, states)
   model_io.save_model(output, config, variables)
+  if classes is not None:
+    model_io.save_classes(output, classes['names'], classes['colors'])
   return config
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('reference_dir', None, 'Folder with the reference *.pth.')
-flags.DEFINE_string('opt', None, "JSON file of the reference's options.")
-flags.DEFINE_string('output', None, 'Model folder to write.')
-flags.DEFINE_string('which_epoch', 'latest', 'Checkpoint prefix to read.')
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program: importing
+  this module must not claim flag names other programs define)."""
+  flags.DEFINE_string('reference_dir', None,
+                      'Folder with the reference *.pth.')
+  flags.DEFINE_string('opt', None, "JSON file of the reference's options.")
+  flags.DEFINE_string('output', None, 'Model folder to write.')
+  flags.DEFINE_string('which_epoch', 'latest', 'Checkpoint prefix to read.')
+  flags.DEFINE_string('data_dir', None, 'Optional built data set folder '
+                      '(with dataset_info.json) whose class names and '
+                      'colours go to OUT/classes.json; its label_nc must be '
+                      "the model's.")
 
 
 def main(argv):
   del argv
-  config = convert(FLAGS.reference_dir, FLAGS.opt, FLAGS.output,
-                   FLAGS.which_epoch)
+  try:
+    config = convert(FLAGS.reference_dir, FLAGS.opt, FLAGS.output,
+                     FLAGS.which_epoch, FLAGS.data_dir)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(2)
   print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='
-        f'{config.label_nc}, crop_size={config.crop_size}).')
+        f'{config.label_nc}, crop_size={config.crop_size}'
+        f'{", classes.json from " + FLAGS.data_dir if FLAGS.data_dir else ""}'
+        ').')
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['reference_dir', 'opt', 'output'])
   app.run(main)

@@ -189,6 +189,50 @@ def _info_classes(data_dir: str) -> Optional[Dict]:
   return {'names': info.class_names, 'colors': info.colors}
 
 
+def read_class_source(path: str, label_nc: int) -> Dict:
+  """{'names', 'colors'} of a built data set folder or a classes.json file.
+
+  `path` is a data set folder (its dataset_info.json, from
+  `data_pipelines.build` or the synthetic set) whose label_nc must equal the
+  model's `label_nc`, or a classes.json file (`model_io` format) whose names
+  and colours cover label_nc classes (label_nc + 1 with a don't-care entry).
+  Raises FileNotFoundError or ValueError naming the file and both numbers.
+  """
+  from data_pipelines import records  # pylint: disable=g-import-not-at-top
+  label_nc = int(label_nc)
+  if os.path.isdir(path):
+    info_path = os.path.join(path, records.INFO_FILE)
+    if not os.path.isfile(info_path):
+      raise FileNotFoundError(
+          f'{info_path} not found: {path} is not a built data set folder. '
+          'Pass one (python -m data_pipelines.build ... --data_dir DIR) or a '
+          f'{model_io.CLASSES_FILE} file.')
+    try:
+      info = records.DatasetInfo.load(path)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'cannot read {info_path}: {e}') from None
+    if int(info.label_nc) != label_nc:
+      raise ValueError(
+          f'the data set {path} has {info.label_nc} classes (label_nc in '
+          f'{records.INFO_FILE}) but the model has label_nc={label_nc}: '
+          'pass the data set the model was trained on.')
+    return model_io.check_classes(
+        {'names': info.class_names, 'colors': info.colors}, info_path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: pass a built data set folder (with '
+        f'{records.INFO_FILE}) or a {model_io.CLASSES_FILE} file.')
+  classes = model_io.read_classes_file(path)
+  for key, what in (('names', 'class names'), ('colors', 'colours')):
+    entries = classes[key]
+    if entries is not None and not label_nc <= len(entries) <= label_nc + 1:
+      raise ValueError(
+          f'{path} has {len(entries)} {what} but the model has label_nc='
+          f'{label_nc}: expected {label_nc} (or {label_nc + 1} with the '
+          "don't-care class).")
+  return classes
+
+
 def class_metadata(config: ml_collections.ConfigDict,
                    source: str) -> Optional[Dict]:
   """{'names', 'colors'} of the model's classes (either may be None), or None.

@@ -7,8 +7,9 @@
                     {"names": [...], "colors": [[r, g, b], ...]}, one entry
                     per class id (0..label_nc-1, then the don't-care class
                     when the model has one); either may be null. Written by
-                    `spade_jax.export` when it knows them; read by
-                    `spade_jax.serve`.
+                    `spade_jax.export` when it knows them and by
+                    `spade_jax.convert --data_dir`; read by `spade_jax.serve`
+                    (whose --classes overrides it).
 
 Written by `spade_jax.convert` and `spade_jax.export`; read by
 `Synthesizer.load` and by training's `config.init_from`.
@@ -103,11 +104,8 @@ def save_classes(model_dir: str, names: Optional[Sequence[str]],
   return path
 
 
-def load_classes(model_dir: str) -> Optional[Dict[str, Optional[List]]]:
-  """OUT/classes.json as {'names', 'colors'}, or None when absent."""
-  path = os.path.join(model_dir, CLASSES_FILE)
-  if not os.path.isfile(path):
-    return None
+def read_classes_file(path: str) -> Dict[str, Optional[List]]:
+  """A classes.json file (any path) as {'names', 'colors'}, checked."""
   try:
     with open(path) as f:
       classes = json.load(f)
@@ -115,3 +113,11 @@ def load_classes(model_dir: str) -> Optional[Dict[str, Optional[List]]]:
     raise ValueError(f'cannot read {path}: {e}. Fix or delete it (it only '
                      'names and colours the classes).') from None
   return check_classes(classes, path)
+
+
+def load_classes(model_dir: str) -> Optional[Dict[str, Optional[List]]]:
+  """OUT/classes.json as {'names', 'colors'}, or None when absent."""
+  path = os.path.join(model_dir, CLASSES_FILE)
+  if not os.path.isfile(path):
+    return None
+  return read_classes_file(path)

@@ -1,7 +1,8 @@
 r"""Interactive GauGAN-style web app: paint a label map, get an image.
 
-  python -m spade_jax.serve --model MODEL [--host 127.0.0.1] [--port 8000] \
-      [--step N] [--max_batch 1] [--max_upload_mb 10]
+  python -m spade_jax.serve --model MODEL [--classes DATA_OR_JSON] \
+      [--host 127.0.0.1] [--port 8000] [--step N] [--max_batch 1] \
+      [--max_upload_mb 10]
 
 MODEL is a model folder (`spade_jax.export` or `spade_jax.convert`) or a
 training workdir (`python -m spade_jax.main ... --workdir DIR`; its latest
@@ -9,6 +10,14 @@ checkpoint, or --step, with the EMA weights when training kept them). The
 server listens on 127.0.0.1 unless --host says otherwise (it has no
 authentication: expose it to other machines knowingly), prints the URL to
 open, and logs each request. Ctrl-C or SIGTERM stops it.
+
+Class names and colours come from --classes when given: a built data set
+folder (its dataset_info.json) or a classes.json file (see `model_io.py`),
+whose number of classes must be the model's label_nc (else an error names
+both). Without it: the model folder's classes.json (written by
+`spade_jax.export`, or `spade_jax.convert --data_dir`), or for a workdir its
+training data's dataset_info.json, or the synthetic set's own; classes still
+unnamed are 'class N' in the default palette.
 
 The page (`serve_page.html`) paints class ids on a canvas at the model's
 resolution: brush, fill, eraser, undo, label-map upload and download, a
@@ -95,6 +104,7 @@ import numpy as np
 from PIL import Image
 
 from spade_jax import export
+from spade_jax import model_io
 from spade_jax import models
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
@@ -193,16 +203,28 @@ def class_table(config, classes: Optional[Dict]
 
 
 def load_model(path: str, step: Optional[int] = None,
-               use_ema: bool = True) -> Model:
-  """A model folder or a training workdir (latest checkpoint, or `step`)."""
+               use_ema: bool = True, classes: Optional[str] = None) -> Model:
+  """A model folder or a training workdir (latest checkpoint, or `step`).
+
+  `classes` (a built data set folder or a classes.json file) overrides the
+  class names and colours the model's folder or training data give; its
+  number of classes must be the model's label_nc (ValueError otherwise).
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f'{path} does not exist: pass a model folder (from spade_jax.export '
         'or spade_jax.convert) or a training workdir (from spade_jax.main).')
+  config = metadata = None
+  if classes:  # Checked before the (slower) restore of the variables.
+    config = (model_io.load_config(path) if export.is_model_folder(path)
+              else export.workdir_config(path))
+    metadata = export.read_class_source(classes, config.label_nc)
   config, variables, step = export.load_inference_variables(path, step,
-                                                            use_ema)
+                                                            use_ema, config)
   synth = Synthesizer(config, variables)
-  names, colors = class_table(config, export.class_metadata(config, path))
+  if metadata is None:
+    metadata = export.class_metadata(config, path)
+  names, colors = class_table(config, metadata)
   return Model(synth=synth, names=names, colors=colors, source=path,
                step=step)
 
@@ -921,6 +943,10 @@ def define_flags() -> None:
   """Defines the command-line flags (only when run as a program)."""
   flags.DEFINE_string('model', None, 'Model folder (spade_jax.export / '
                       'convert) or training workdir (spade_jax.main).')
+  flags.DEFINE_string('classes', None, 'Class names and colours: a built '
+                      'data set folder (its dataset_info.json) or a '
+                      'classes.json file; overrides what the model holds. '
+                      "Its number of classes must be the model's label_nc.")
   flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: '
                       'every interface; the server has no authentication).')
   flags.DEFINE_integer('port', 8000, 'Port to listen on (0: any free one).')
@@ -943,7 +969,8 @@ def main(argv):
   if FLAGS.max_upload_mb <= 0:
     raise app.UsageError('--max_upload_mb must be positive.')
   try:
-    model = load_model(FLAGS.model, FLAGS.step, FLAGS.use_ema)
+    model = load_model(FLAGS.model, FLAGS.step, FLAGS.use_ema,
+                       classes=FLAGS.classes)
     app_ = App(model, max_batch=FLAGS.max_batch,
                max_body_bytes=int(FLAGS.max_upload_mb * 2**20))
   except (FileNotFoundError, ValueError) as e:

@@ -28,3 +28,27 @@ def reference_dir() -> pathlib.Path:
 def coco_sample_dir() -> pathlib.Path:
   """A small real COCO-Stuff sample in the reference layout."""
   return _require(SHARED_DIR / 'datasets' / 'coco_stuff_sample')
+
+
+@pytest.fixture(scope='session')
+def dataset_folder():
+  """A function writing a tiny built data set's dataset_info.json.
+
+  dataset_folder(path, label_nc, contain_dontcare_label=False) -> (path,
+  names, colors): the folder holds only dataset_info.json (no records), which
+  is all class names and colours need. Names and colours cover the don't-care
+  class too when there is one, as `data_pipelines.build` writes them.
+  """
+  def make(path, label_nc, contain_dontcare_label=False):
+    from data_pipelines import records  # pylint: disable=g-import-not-at-top
+    n = label_nc + int(contain_dontcare_label)
+    names = [f'stuff {i}' for i in range(n)]
+    colors = [[(37 * i) % 256, 255 - i, (91 * i) % 256] for i in range(n)]
+    os.makedirs(path, exist_ok=True)
+    records.DatasetInfo(dataset='custom', label_nc=label_nc,
+                        contain_dontcare_label=contain_dontcare_label,
+                        has_instance=True, class_names=names,
+                        colors=colors).save(str(path))
+    return pathlib.Path(path), names, colors
+
+  return make

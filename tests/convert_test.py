@@ -171,17 +171,26 @@ def test_vae_encoder_matches(converted):
                       e_vars['batch_stats'])
 
 
-def test_command_line_writes_the_same_model(converted, tmp_path):
+def test_command_line_writes_the_same_model(converted, dataset_folder,
+                                            tmp_path):
+  """The CLI's model is convert()'s; --data_dir adds classes.json."""
   case, out = converted('pix2pixhd_batch')
+  data, names, colors = dataset_folder(
+      tmp_path / 'data', case.opt['label_nc'],
+      case.opt['contain_dontcare_label'])
   cli_out = tmp_path / 'cli_model'
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, '-m', 'spade_jax.convert', '--reference_dir',
        str(case.directory), '--opt', str(case.opt_path), '--output',
-       str(cli_out)], cwd=repo, capture_output=True, text=True, timeout=300,
-      check=False)
+       str(cli_out), '--data_dir', str(data)], cwd=repo, capture_output=True,
+      text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert str(cli_out) in result.stdout
+  assert f'classes.json from {data}' in result.stdout
+  assert model_io.load_classes(str(cli_out)) == {'names': names,
+                                                 'colors': colors}
+  assert model_io.load_classes(str(out)) is None  # Not without --data_dir.
   config, variables = model_io.load_model(str(out))
   cli_config, cli_variables = model_io.load_model(str(cli_out))
   assert cli_config.to_dict() == config.to_dict()
@@ -273,3 +282,34 @@ def test_unreadable_option_file_is_named(converted, tmp_path):
   folder = _run_folder(converted, tmp_path)
   (folder / 'opt.json').write_text('{"label_nc": 5,')
   _convert_fails(folder, tmp_path, 'opt.json')
+
+
+def test_data_dir_names_the_classes_and_must_match_label_nc(
+    converted, dataset_folder, tmp_path):
+  case, _ = converted('aspect2')
+  label_nc = case.opt['label_nc']
+  data, names, colors = dataset_folder(tmp_path / 'data', label_nc, True)
+  out = tmp_path / 'named'
+  convert.convert(str(case.directory), str(case.opt_path), str(out),
+                  data_dir=str(data))
+  assert model_io.load_classes(str(out)) == {'names': names,
+                                             'colors': colors}
+  assert (out / model_io.CLASSES_FILE).is_file()
+
+  # Another number of classes: an error naming both, nothing written.
+  other, _, _ = dataset_folder(tmp_path / 'other', label_nc + 2)
+  bad_out = tmp_path / 'bad'
+  with pytest.raises(convert.ConversionError) as info:
+    convert.convert(str(case.directory), str(case.opt_path), str(bad_out),
+                    data_dir=str(other))
+  message = str(info.value)
+  assert f'has {label_nc + 2} classes' in message, message
+  assert f'label_nc={label_nc}' in message and str(other) in message
+  assert not bad_out.exists()
+  # A folder that is no built data set, and a missing one.
+  for folder, text in [(tmp_path, 'dataset_info.json not found'),
+                       (tmp_path / 'none', 'is not a folder')]:
+    with pytest.raises(convert.ConversionError, match=text):
+      convert.convert(str(case.directory), str(case.opt_path), str(bad_out),
+                      data_dir=str(folder))
+    assert not bad_out.exists()

@@ -1,4 +1,5 @@
-"""spade_jax.serve's page in headless Chromium: paint, synthesize, look.
+"""spade_jax.serve's page in headless Chromium: paint, synthesize, look; a VAE
+model's "New sample" and style image.
 
 Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium,
 /usr/bin/chromedriver) and selenium (the `test` extra); .ci/run installs
@@ -19,7 +20,10 @@ import pytest
 from export_test import tiny_config
 from serve_test import RunningServer
 from serve_test import assert_close
+from serve_test import decode_png
 from serve_test import expected_image
+from serve_test import png
+from serve_test import post
 from spade_jax import serve
 from synthesize_test import blocky_label
 from synthesize_test import pil_nearest
@@ -73,6 +77,18 @@ def driver():
 
 
 @pytest.fixture(scope='module')
+def vae_server(tmp_path_factory):
+  """A VAE model with an encoder (custom data: no sample scenes)."""
+  folder = save_model(str(tmp_path_factory.mktemp('browser') / 'vae'),
+                      tiny_config(dataset='custom', use_vae=True,
+                                  no_instance=True, z_dim=16), seed=4)
+  model = serve.load_model(folder)
+  running = RunningServer(model)
+  yield running, model
+  running.stop()
+
+
+@pytest.fixture(scope='module')
 def server(tmp_path_factory):
   folder = save_model(str(tmp_path_factory.mktemp('browser') / 'model'),
                       tiny_config(dataset='synthetic', crop_size=SIZE,
@@ -100,10 +116,25 @@ def _results(browser):
 
 def _synthesize(browser):
   """Presses Synthesize; returns the new result image (uint8 H, W, 3)."""
+  return _press(browser, 'synthesize')
+
+
+def _press(browser, button_id):
+  """Clicks a button that synthesizes; returns the new result image."""
   before = _results(browser)
-  browser.find_element('id', 'synthesize').click()
+  browser.find_element('id', button_id).click()
+  return _next_result(browser, before)
+
+
+def _next_result(browser, before):
+  """Waits for result number `before` + 1; returns it (uint8 H, W, 3)."""
   _wait(browser, f'window.spade.results > {before} && !window.spade.busy',
         'the synthesized image')
+  return _result_image(browser)
+
+
+def _result_image(browser):
+  """The image the page shows (uint8 H, W, 3)."""
   data = browser.execute_async_script('''
       const done = arguments[arguments.length - 1];
       fetch(window.spade.resultUrl).then(r => r.arrayBuffer()).then(b => {
@@ -242,3 +273,53 @@ def test_paint_and_synthesize(driver, server, tmp_path):
   _stroke(browser, canvas, [(-50, 0), (50, 0)])
   _wait(browser, f'window.spade.results > {before} && !window.spade.busy',
         'a live update')
+
+
+def test_vae_new_sample_and_style_image(driver, vae_server, tmp_path):
+  """VAE controls: "New sample" draws a new seed, a style image goes to the
+  encoder; each brings the server's image for that seed (and style)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  running, model = vae_server
+  browser = driver
+  browser.get(running.url)
+  _wait(browser, 'document.body.dataset.ready === "1" && '
+        'window.spade.results >= 1 && !window.spade.busy', 'the page')
+  assert browser.find_element('id', 'vae').is_displayed()
+  assert browser.find_element('id', 'new-sample').is_displayed()
+  style_input = browser.find_element('id', 'style-file')
+  assert style_input.is_displayed() and style_input.is_enabled()
+  assert not browser.find_element('id', 'sample').is_displayed()
+  h, w = model.synth.image_size
+  blank = np.zeros((h, w), np.int32)  # No sample scenes: a blank canvas.
+  z = lambda seed: np.asarray(jax.random.normal(jax.random.PRNGKey(seed),
+                                                (model.config.z_dim,)))
+  first = _result_image(browser)
+  assert browser.execute_script('return window.spade.seed;') == 0
+  assert_close(first, expected_image(model.synth, blank, z=z(0)))
+
+  # New sample: a new seed, shown, and its image.
+  second = _press(browser, 'new-sample')
+  seed = browser.execute_script('return window.spade.seed;')
+  assert seed != 0
+  assert browser.find_element('id', 'seed').text == str(seed)
+  assert np.abs(second.astype(int) - first.astype(int)).mean() > 1
+  assert_close(second, expected_image(model.synth, blank, z=z(seed)))
+
+  # A style image: the encoder's sample for it (same seed) replaces z.
+  style = np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)
+  path = tmp_path / 'style.png'
+  Image.fromarray(style).save(path)
+  before = _results(browser)
+  style_input.send_keys(str(path))
+  third = _next_result(browser, before)
+  assert np.abs(third.astype(int) - second.astype(int)).mean() > 1
+  assert browser.find_element('id', 'clear-style').is_enabled()
+  status, _, body = post(running.url, {'label': png(blank.astype(np.uint8)),
+                                       'seed': str(seed),
+                                       'style': path.read_bytes()})
+  assert status == 200, body
+  np.testing.assert_array_equal(third, decode_png(body))
+
+  # "No style image" goes back to the seed's own z.
+  np.testing.assert_array_equal(_press(browser, 'clear-style'), second)
+  assert browser.execute_script('return window.spade.errors;') == 0

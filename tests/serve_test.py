@@ -28,6 +28,7 @@ from spade_jax import export
 from spade_jax import model_io
 from spade_jax import serve
 from spade_jax import visualize
+from spade_jax.synthesizer import Synthesizer
 from synthesize_test import blocky_label
 from synthesize_test import pil_nearest
 from synthesize_test import save_model
@@ -457,17 +458,53 @@ def test_export_writes_classes_and_cli_serves_a_workdir(root, plain):
   assert '"POST /api/synthesize HTTP/1.1" 200' in stderr
 
 
-def test_cli_stops_on_ctrl_c(plain):
+def test_classes_option_overrides_the_model_and_checks_label_nc(
+    plain, dataset_folder, tmp_path):
+  _, model = plain  # A synthetic-set model: the set's names without it.
+  folder = model.source
+  data, names, colors = dataset_folder(tmp_path / 'data', 8)
+  info = serve.load_model(folder, classes=str(data)).info()
+  assert (info['names'], info['colors']) == (names, colors)
+  # A classes.json file (here without colours: the default palette).
+  model_io.save_classes(str(tmp_path), names[::-1], None)
+  info = serve.load_model(
+      folder, classes=str(tmp_path / model_io.CLASSES_FILE)).info()
+  assert info['names'] == names[::-1]
+  assert info['colors'] == visualize.default_palette(256)[:8].tolist()
+
+  other, _, _ = dataset_folder(tmp_path / 'other', 5)
+  with pytest.raises(ValueError) as e:
+    serve.load_model(folder, classes=str(other))
+  assert f'the data set {other} has 5 classes' in str(e.value)
+  assert 'label_nc=8' in str(e.value)
+  short = tmp_path / 'short'
+  short.mkdir()
+  model_io.save_classes(str(short), names[:3], colors)
+  with pytest.raises(ValueError) as e:
+    serve.load_model(folder, classes=str(short / model_io.CLASSES_FILE))
+  assert 'has 3 class names but the model has label_nc=8' in str(e.value)
+  for path, message in [(tmp_path / 'none', 'does not exist'),
+                        (short, 'is not a built data set folder')]:
+    with pytest.raises(FileNotFoundError, match=message):
+      serve.load_model(folder, classes=str(path))
+
+
+def test_cli_classes_flag_and_ctrl_c(plain, dataset_folder, tmp_path):
+  """--classes names the classes; Ctrl-C stops the server."""
   _, model = plain
+  data, names, colors = dataset_folder(tmp_path / 'data', 8)
   proc = subprocess.Popen(
       [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
-       '--port', '0'], stdout=subprocess.PIPE,
+       '--port', '0', '--classes', str(data)], stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   try:
     url = _read_line(proc, timeout=120).split(' at ')[1].split()[0]
     assert url.startswith('http://127.0.0.1:')  # Loopback by default.
     status, _, body = request(url, '/')
     assert status == 200 and b'<canvas' in body
+    status, _, body = request(url, '/api/classes')
+    info = json.loads(body)
+    assert (info['names'], info['colors']) == (names, colors)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
   finally:
@@ -494,9 +531,94 @@ def _read_line(proc, timeout):
   pytest.fail(f'the server printed no URL: {stderr[-3000:]}')
 
 
-def test_cli_reports_a_missing_model(tmp_path):
+def test_cli_reports_a_missing_model_and_mismatched_classes(
+    plain, dataset_folder, tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'spade_jax.serve', '--model',
        str(tmp_path / 'none')], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert f'ERROR: {tmp_path / "none"} does not exist' in proc.stderr
+  _, model = plain
+  other, _, _ = dataset_folder(tmp_path / 'other', 5)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
+       '--classes', str(other)], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert (f'ERROR: the data set {other} has 5 classes (label_nc in '
+          'dataset_info.json) but the model has label_nc=8') in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# A model converted from the shared reference checkpoint.
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def reference(root, reference_dir, dataset_folder):
+  """The shared fixture converted with --data_dir's names, being served."""
+  pytest.importorskip('torch', reason='converting .pth checkpoints needs '
+                      "PyTorch: pip install -e '.[torch]'")
+  from spade_jax import convert  # pylint: disable=g-import-not-at-top
+  opt = json.loads((reference_dir / 'opt.json').read_text())
+  data, names, colors = dataset_folder(root / 'reference_data',
+                                       opt['label_nc'],
+                                       opt['contain_dontcare_label'])
+  out = str(root / 'reference_model')
+  convert.convert(str(reference_dir), str(reference_dir / 'opt.json'), out,
+                  data_dir=str(data))
+  running = RunningServer(serve.load_model(out))
+  yield running, out, opt, names, colors
+  running.stop()
+
+
+def test_converted_reference_model_serves_its_images(reference,
+                                                     reference_dir):
+  running, out, opt, names, colors = reference
+  label_nc = opt['label_nc']
+  status, _, body = request(running.url, '/api/classes')
+  assert status == 200
+  info = json.loads(body)
+  assert info['num_classes'] == label_nc
+  assert info['image_size'] == [int(opt['crop_size'] / opt['aspect_ratio']),
+                                opt['crop_size']]
+  assert (info['names'], info['colors']) == (names[:label_nc],
+                                             colors[:label_nc])
+  assert info['dontcare'] == {'id': label_nc, 'value': 255,
+                              'name': names[label_nc],
+                              'color': colors[label_nc]}
+  assert info['use_vae'] is False and info['no_instance'] is False
+  assert info['netG'] == 'spade'
+
+  # The recorded inputs, as PNGs (don't-care as 255, 16-bit instance ids),
+  # against Synthesizer.load on the folder, both as uint8 the way serve
+  # makes them.
+  io_arrays = np.load(reference_dir / 'io.npz')
+  labels, instances = io_arrays['label'], io_arrays['instance']
+  assert (labels == label_nc).any() and instances.max() > 255
+  floats = Synthesizer.load(out)(labels, instances)
+  want = visualize.image_to_uint8(floats)
+  # This untrained generator's outputs are tiny (|x| < 0.01), so its uint8
+  # pixels are 127 or 128: the sign of each output. Those whose float value
+  # lies clearly off a rounding boundary must come out exactly the same.
+  levels = (np.asarray(floats, np.float64) + 1) * 127.5
+  clear = np.abs(levels - np.floor(levels) - 0.5) > 1e-3
+  assert clear.mean() > 0.95
+  # Its outputs also barely depend on the label map (the two examples' uint8
+  # images are nearly the same), so the float path is checked too: the
+  # request's fields decode to the recorded maps, and the worker that
+  # answered gives Synthesizer.load's floats for them.
+  scale = np.abs(floats).max()
+  for i in range(len(labels)):
+    label = np.where(labels[i] == label_nc, 255, labels[i]).astype(np.uint8)
+    fields = {'label': png(label),
+              'instance': png(instances[i].astype(np.uint16))}
+    status, _, body = post(running.url, fields)
+    assert status == 200, body
+    got = decode_png(body)
+    assert_close(got, want[i])
+    np.testing.assert_array_equal(got[clear[i]], want[i][clear[i]])
+
+    job = serve.make_job(serve.parse_multipart(*multipart(fields)),
+                         running.server.app.model)
+    np.testing.assert_array_equal(job.label, labels[i])
+    np.testing.assert_array_equal(job.instance, instances[i])
+    image = running.worker.submit(job).result(timeout=120)
+    assert np.abs(image - floats[i]).max() < 1e-4 * scale
