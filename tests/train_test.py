@@ -79,6 +79,23 @@ def _main_cmd(workdir, data_dir, **changes):
           str(workdir)] + _flags(values)
 
 
+def _run_together(cmds_envs, timeout=600):
+  """Runs the (cmd, env) pairs as concurrent processes (their compilations
+  overlap on the 2 cores); returns their stderr texts, all having succeeded."""
+  procs = [subprocess.Popen(cmd, env=env, cwd=REPO_DIR,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True) for cmd, env in cmds_envs]
+  try:
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-5000:]
+  return errs
+
+
 def _run(cmd, env, timeout=600):
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                         timeout=timeout, cwd=REPO_DIR, check=False)
@@ -307,13 +324,11 @@ def _sharding_worker(out_path):
 
 def test_one_device_and_eight_devices_agree(tmp_path, env):
   """Same global batch on 1 and 8 devices: same losses, params, BN stats."""
-  results = {}
-  for n in (1, 8):
-    out = tmp_path / f'{n}.npz'
-    code = ('import train_test, sys; '
-            f'train_test._sharding_worker({str(out)!r})')
-    _run([sys.executable, '-c', code], _with_devices(env, n))
-    results[n] = dict(np.load(out))
+  code = 'import train_test; train_test._sharding_worker({!r})'
+  _run_together([
+      ([sys.executable, '-c', code.format(str(tmp_path / f'{n}.npz'))],
+       _with_devices(env, n)) for n in (1, 8)])
+  results = {n: dict(np.load(tmp_path / f'{n}.npz')) for n in (1, 8)}
   assert int(results[1].pop('devices')) == 1
   assert int(results[8].pop('devices')) == 8
   assert results[1].keys() == results[8].keys()
@@ -467,19 +482,14 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
                  checkpoint_every_steps=2, image_every_steps=1000,
                  adam_eps=1.0, lr=0.5, spade_label_lookup=False)
   config = tiny_config(data_dir=data_dir, **changes)
-  one = tmp_path / 'one'
-  proc = _run(_main_cmd(one, data_dir, **changes), _with_devices(env, 4))
-  two = tmp_path / 'two'
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  one_err = _run(_main_cmd(one, data_dir, **changes),
+                 _with_devices(env, 4)).stderr
   address = f'127.0.0.1:{_free_port()}'
-  procs = [subprocess.Popen(
-      _main_cmd(two, data_dir, **changes) + [
+  errs = _run_together([
+      (_main_cmd(two, data_dir, **changes) + [
           f'--coordinator_address={address}', '--num_processes=2',
-          f'--process_id={i}'],
-      env=_with_devices(env, 2), cwd=REPO_DIR, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  errs = [p.communicate(timeout=600)[1] for p in procs]
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-5000:]
+          f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)])
   assert 'process 1 / 2, 2 local devices of 4' in errs[1], errs[1][-3000:]
 
   # Same losses (the log line of step 2, printed to 6 digits).
@@ -489,7 +499,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
     pairs = [kv.split('=') for kv in line[0].split('] [2] ')[1].split(', ')]
     return {k: float(v) for k, v in pairs
             if k not in ('train/images_per_s', 'train/steps_per_s')}
-  one_losses, two_losses = losses_at_step_2(proc.stderr), losses_at_step_2(
+  one_losses, two_losses = losses_at_step_2(one_err), losses_at_step_2(
       errs[0])
   assert one_losses.keys() == two_losses.keys()
   assert {'train/G_GAN_Feat', 'train/D_Fake'} <= one_losses.keys()
