@@ -1,6 +1,6 @@
 """A compact PyTorch model of the NVlabs SPADE networks, for tests only.
 
-Our own code, written from /work/shared/SPEC.md and checked against the
+Our own code, written from ../shared/SPEC.md and checked against the
 reference's recorded checkpoints and outputs (see torch_reference_test.py).
 State-dict keys, shapes and forward semantics are the reference's, so
 reference checkpoints load with `strict=True` and configurations that the
