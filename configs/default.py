@@ -97,6 +97,9 @@ def get_config():
   # ---- Loop ------------------------------------------------------------------
   config.seed = 0
   config.batch_size = 4
+  # Devices the batch is sharded over: 0 = all of them, N = the first N (one
+  # process only; e.g. to time or train on part of a machine).
+  config.num_devices = 0
   config.num_train_steps = 600
   config.log_every_steps = 50
   config.image_every_steps = 100

@@ -64,7 +64,7 @@ _CONFIG_KEYS = ('dataset', 'netG', 'label_nc', 'contain_dontcare_label',
                 'no_instance', 'crop_size', 'load_size', 'aspect_ratio',
                 'preprocess_mode', 'ngf', 'ndf', 'num_D', 'n_layers_D',
                 'norm_G', 'norm_D', 'use_vae', 'num_upsampling_layers',
-                'batch_size', 'lambda_vgg', 'compute_dtype',
+                'batch_size', 'num_devices', 'lambda_vgg', 'compute_dtype',
                 'spade_fuse_shared', 'spade_fuse_gamma_beta', 'conv_impl')
 
 
@@ -235,7 +235,7 @@ def benchmark_train(config: ml_collections.ConfigDict,
                     options: Options) -> Dict[str, Any]:
   """Times one training iteration (G update, then D update)."""
   validate(config, options)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   tx_g, tx_d, sched_g, sched_d = train.make_optimizers(config, 1000)
   start = time.perf_counter()
@@ -266,7 +266,7 @@ def benchmark_generate(config: ml_collections.ConfigDict,
                        options: Options) -> Dict[str, Any]:
   """Times the eval-mode generator on a batch of the config's size."""
   validate(config, options)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(config)
   batch = train.global_batch(local_batch(config, options), mesh)
   label, edges = batch['label'], batch['instance_edges']
   h, w = models.output_size(config)
@@ -350,7 +350,9 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   device = jax.devices()[0]
   record.update(
       backend=jax.default_backend(), device_kind=str(device.device_kind),
-      device=str(device.device_kind), device_count=jax.device_count(),
+      device=str(device.device_kind),
+      device_count=len(train.mesh_devices(config)),
+      devices_visible=jax.device_count(),
       process_count=jax.process_count(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__, load_average_1min=os.getloadavg()[0],
       random_vgg_for_timing=bool(random_vgg_for_timing and

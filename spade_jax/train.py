@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 from clu import metric_writers
@@ -83,10 +83,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
         f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
         'one), or another num_upsampling_layers.')
-  if config.batch_size % jax.device_count():
+  num_devices = len(mesh_devices(config))
+  if config.batch_size % num_devices:
     raise ValueError(
         f'batch_size={config.batch_size} is not divisible by the '
-        f'{jax.device_count()} devices: the batch is split evenly over them.')
+        f'{num_devices} devices: the batch is split evenly over them.')
   if config.get('fid_every_steps', 0) > 0 and not config.get(
       'inception_weights', ''):
     from spade_jax import inception  # pylint: disable=g-import-not-at-top
@@ -337,8 +338,26 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
   return new_state, metrics
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+def mesh_devices(config) -> List[jax.Device]:
+  """All devices, or the first config.num_devices (single process only)."""
+  devices = jax.devices()
+  n = config.get('num_devices', 0) or 0
+  if n == 0 or n == len(devices):
+    return devices
+  if not 0 < n < len(devices):
+    raise ValueError(
+        f'num_devices={n}, but {len(devices)} {devices[0].platform} '
+        f'device(s) are visible: use 1..{len(devices)}, or 0 for all.')
+  if jax.process_count() > 1:
+    raise ValueError(
+        f'num_devices={n} with {jax.process_count()} processes: several '
+        'processes train on all their devices (num_devices=0).')
+  return devices[:n]
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The 1-D `data` mesh over `mesh_devices(config)`."""
+  return jax.sharding.Mesh(np.asarray(mesh_devices(config)), ('data',))
 
 
 def compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d):
@@ -511,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.write_hparams({k: v for k, v in config.items()
                         if isinstance(v, (int, float, str, bool))})
 
-  mesh = make_mesh()
+  mesh = make_mesh(config)
   tx_g, tx_d, sched_g, sched_d = make_optimizers(config, steps_per_epoch)
   state = create_train_state(config, jax.random.PRNGKey(config.seed), tx_g,
                              tx_d)

@@ -2,7 +2,10 @@
 import importlib.util
 import io
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -136,6 +139,28 @@ def test_generate_mode_record(tmp_path):
   check_compute_record(record, 'generate')
   # Inference does far less work than a training step would.
   assert record['flops_per_step'] < 1e10
+
+
+def test_num_devices_picks_the_devices_timed(tmp_path):
+  """The CLI, 2 visible CPU devices, --config.num_devices=1: a 1-device run."""
+  out = tmp_path / 'runs.jsonl'
+  overrides = {k: v for k, v in tiny_model_config().items()
+               if v != default_config.get_config()[k]}
+  cmd = [sys.executable, str(REPO_ROOT / 'scripts' / 'benchmark.py'),
+         '--mode=generate', '--steps=1', '--warmup=0', f'--json={out}',
+         '--config.num_devices=1',
+         f'--workdir={tmp_path}'] + [f'--config.{k}={v}'
+                                     for k, v in overrides.items()]
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'images/s' in proc.stdout  # The table.
+  (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert record['device_count'] == 1 and record['num_devices'] == 1
+  assert record['devices_visible'] == 2
+  assert record['mode'] == 'generate' and record['ngf'] == 8
 
 
 def test_table_shows_the_headline_numbers():

@@ -164,9 +164,20 @@ def test_crop_size_the_upsamplings_cannot_produce_is_rejected():
 
 
 def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
-  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  monkeypatch.setattr(jax, 'devices', lambda: jax.local_devices()[:1] * 3)
   with pytest.raises(ValueError, match=r'batch_size=4 .* 3 devices'):
     train.validate_config(tiny_config())
+  # The first two of the three divide it.
+  train.validate_config(tiny_config(num_devices=2))
+  assert len(train.mesh_devices(tiny_config(num_devices=2))) == 2
+  with pytest.raises(ValueError, match=r'num_devices=4, but 3 cpu .*1\.\.3'):
+    train.validate_config(tiny_config(num_devices=4))
+  with pytest.raises(ValueError, match=r'num_devices=-1'):
+    train.mesh_devices(tiny_config(num_devices=-1))
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'num_devices=2 with 2 processes'):
+    train.mesh_devices(tiny_config(num_devices=2))
+  assert len(train.mesh_devices(tiny_config())) == 3
 
 
 def test_vgg_loss_without_weights_says_how_to_get_them():
@@ -217,7 +228,7 @@ def _run_steps(config, num_steps, batches=None, sgd_lr=None):
     tx_g = tx_d = optax.sgd(sgd_lr)
   state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    tx_g, tx_d)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(config)
   state = jax.device_put(state, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
   step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
