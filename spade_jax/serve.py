@@ -106,11 +106,12 @@ from PIL import Image
 from spade_jax import export
 from spade_jax import model_io
 from spade_jax import models
+from spade_jax import synthesizer
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
 PAGE_FILE = 'serve_page.html'
-DONTCARE_VALUE = 255
+DONTCARE_VALUE = synthesizer.DONTCARE_VALUE
 DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 # Decoded images larger than this many pixels are refused (decompression
 # bombs: a small PNG can hold a huge image).
@@ -345,26 +346,10 @@ def map_dataset_ids(raw: np.ndarray, config) -> np.ndarray:
 
 def check_class_ids(label: np.ndarray, config, what: str) -> np.ndarray:
   """Class ids -> int32 ids 0..num_classes-1; 400 naming any bad ids."""
-  label_nc = int(config.label_nc)
-  if config.contain_dontcare_label:
-    label = np.where(label == DONTCARE_VALUE, label_nc, label)
-    top = label_nc
-  else:
-    top = label_nc - 1
-  bad = (label < 0) | (label > top)
-  if bad.any():
-    values = np.unique(label[bad])
-    shown = values[:10].tolist()
-    more = f' (and {len(values) - 10} more)' if len(values) > 10 else ''
-    allowed = f'0..{label_nc - 1}' + (
-        f", or {DONTCARE_VALUE} (don't care)"
-        if config.contain_dontcare_label else '')
-    count = int(bad.sum())
-    raise RequestError(
-        400, f'the {what} holds class ids {shown}{more} at {count} '
-        f'pixel{"s" if count > 1 else ""}, outside this model\'s range '
-        f'{allowed}.')
-  return label.astype(np.int32)
+  try:
+    return synthesizer.class_ids(label, config, what)
+  except ValueError as e:
+    raise RequestError(400, str(e)) from None
 
 
 @dataclasses.dataclass

@@ -18,6 +18,36 @@ from spade_jax import models
 DONTCARE_VALUE = 255
 
 
+def class_ids(labels: np.ndarray, config: ml_collections.ConfigDict,
+              what: str = 'labels') -> np.ndarray:
+  """Integer label values -> int32 class ids; ValueError naming bad ones.
+
+  Ids run 0..label_nc-1; with `contain_dontcare_label`, label_nc and 255 both
+  mean don't-care (and become label_nc).
+  """
+  label_nc = int(config.label_nc)
+  # Checked before the cast to int32, which would wrap large ids.
+  labels = np.asarray(labels).astype(np.int64)
+  if config.contain_dontcare_label:
+    labels = np.where(labels == DONTCARE_VALUE, label_nc, labels)
+    top = label_nc
+  else:
+    top = label_nc - 1
+  bad = (labels < 0) | (labels > top)
+  if bad.any():
+    values = np.unique(labels[bad])
+    more = f' (and {len(values) - 10} more)' if len(values) > 10 else ''
+    count = int(bad.sum())
+    allowed = f'0..{label_nc - 1}' + (
+        f", or {label_nc} or {DONTCARE_VALUE} (don't care)"
+        if config.contain_dontcare_label else '')
+    raise ValueError(
+        f'the {what} hold class ids {values[:10].tolist()}{more} at {count} '
+        f'pixel{"s" if count > 1 else ""}, outside this model\'s range '
+        f'{allowed}.')
+  return labels.astype(np.int32)
+
+
 class Synthesizer:
   """The generator in eval mode, with input checks.
 
@@ -135,23 +165,7 @@ class Synthesizer:
     if not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f'labels has dtype {labels.dtype}: expected integer '
                        'class ids.')
-    label_nc = self.config.label_nc
-    # Checked before the cast to int32, which would wrap large ids.
-    labels = labels.astype(np.int64)
-    if self.config.contain_dontcare_label:
-      labels = np.where(labels == DONTCARE_VALUE, label_nc, labels)
-      top = label_nc
-    else:
-      top = label_nc - 1
-    bad = (labels < 0) | (labels > top)
-    if bad.any():
-      values = np.unique(labels[bad])[:10].tolist()
-      allowed = f'0..{label_nc - 1}' + (
-          f' or {label_nc}/255 (don\'t-care)'
-          if self.config.contain_dontcare_label else '')
-      raise ValueError(f'labels hold class ids {values} outside this '
-                       f'model\'s range {allowed}.')
-    return labels.astype(np.int32)
+    return class_ids(labels, self.config)
 
   def _check_instances(self, instances, shape):
     if self.config.no_instance:

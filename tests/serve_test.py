@@ -375,7 +375,7 @@ def test_vae_seeds_style_and_dontcare(vae):
   bad[0, 0] = 9
   status, _, body = post(url, {'label': png(bad)})
   assert status == 400
-  assert "[9] at 1 pixel, outside this model's range 0..7, or 255" in (
+  assert "[9] at 1 pixel, outside this model's range 0..7, or 8 or 255" in (
       json.loads(body)['error'])
   status, _, body = request(url, '/api/sample')
   assert status == 404 and 'no sample label maps' in json.loads(body)['error']
