@@ -494,13 +494,12 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
                  adam_eps=1.0, lr=0.5, spade_label_lookup=False)
   config = tiny_config(data_dir=data_dir, **changes)
   one, two = tmp_path / 'one', tmp_path / 'two'
-  one_err = _run(_main_cmd(one, data_dir, **changes),
-                 _with_devices(env, 4)).stderr
   address = f'127.0.0.1:{_free_port()}'
-  errs = _run_together([
-      (_main_cmd(two, data_dir, **changes) + [
-          f'--coordinator_address={address}', '--num_processes=2',
-          f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)])
+  one_err, *errs = _run_together(
+      [(_main_cmd(one, data_dir, **changes), _with_devices(env, 4))] + [
+          (_main_cmd(two, data_dir, **changes) + [
+              f'--coordinator_address={address}', '--num_processes=2',
+              f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)])
   assert 'process 1 / 2, 2 local devices of 4' in errs[1], errs[1][-3000:]
 
   # Same losses (the log line of step 2, printed to 6 digits).
