@@ -348,10 +348,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   record.update(MODES[mode](config, options))
   record.update(peak_memory())
   device = jax.devices()[0]
+  used = len(train.mesh_devices(config))
+  if mode != 'input':  # Per accelerator: the measure of the device count.
+    record['images_per_s_per_device'] = record['images_per_s'] / used
   record.update(
       backend=jax.default_backend(), device_kind=str(device.device_kind),
-      device=str(device.device_kind),
-      device_count=len(train.mesh_devices(config)),
+      device=str(device.device_kind), device_count=used,
       devices_visible=jax.device_count(),
       process_count=jax.process_count(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__, load_average_1min=os.getloadavg()[0],
@@ -381,6 +383,7 @@ def format_table(record: Dict[str, Any]) -> str:
           ('ms/step min..max', f"{fmt(record['ms_per_step_min'])} .. "
                                f"{fmt(record['ms_per_step_max'])}"),
           ('images/s', record['images_per_s']),
+          ('images/s per device', record.get('images_per_s_per_device')),
           ('compile s', record.get('compile_s')),
           ('GFLOP/step', (record['flops_per_step'] / 1e9
                           if record.get('flops_per_step') else None)),

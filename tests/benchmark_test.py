@@ -112,6 +112,8 @@ def check_compute_record(record, mode):
           record['ms_per_step_max'])
   assert record['crop_size'] == 32 and record['ngf'] == 8
   assert record['batch_size'] == 2
+  assert record['images_per_s_per_device'] == pytest.approx(
+      record['images_per_s'] / record['device_count'])
 
 
 def test_vgg_loss_needs_weights_or_the_timing_flag(tmp_path):
@@ -160,6 +162,7 @@ def test_num_devices_picks_the_devices_timed(tmp_path):
   (record,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert record['device_count'] == 1 and record['num_devices'] == 1
   assert record['devices_visible'] == 2
+  assert record['images_per_s_per_device'] == record['images_per_s']
   assert record['mode'] == 'generate' and record['ngf'] == 8
 
 
