@@ -748,27 +748,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                        'seed, ids) or a bare image/png label map.')
 
   # ----- methods
-  def do_GET(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_HEAD(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_POST(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_PUT(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_DELETE(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_PATCH(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
-  def do_OPTIONS(self):  # pylint: disable=invalid-name
-    self._dispatch()
-
   def _dispatch(self) -> None:
     self._t0 = time.time()
     url = urllib.parse.urlsplit(self.path)
@@ -799,7 +778,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.close_connection = True
       self._json(500, {'error': f'internal error: {type(e).__name__}: {e}'})
 
+  # BaseHTTPRequestHandler calls do_<METHOD>; every method goes through the
+  # routes, which answer 405 for the ones a path does not take.
+  do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = (
+      _dispatch)
+
   # ----- routes
+
   def _index_html(self, url) -> None:
     del url
     self._send(200, self.server.app.page, 'text/html; charset=utf-8')
