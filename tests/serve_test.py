@@ -4,6 +4,7 @@ Servers run in-process on a free loopback port with tiny random-init models;
 their images are compared with what the Synthesizer gives for the same input.
 """
 import concurrent.futures
+import contextlib
 import io
 import json
 import select
@@ -432,12 +433,7 @@ def test_export_writes_classes_and_cli_serves_a_workdir(root, plain):
 
   # The CLI serves the workdir itself (its latest checkpoint) and stops on
   # SIGTERM.
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'spade_jax.serve', '--model', workdir,
-       '--port', '0'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
-  try:
-    line = _read_line(proc, timeout=120)
+  with _cli_server('--model', workdir) as (proc, line):
     assert line.startswith(f'Serving {workdir} at http://127.0.0.1:'), line
     url = line.split(' at ')[1].split()[0]
     status, _, body = request(url, '/api/classes')
@@ -448,10 +444,6 @@ def test_export_writes_classes_and_cli_serves_a_workdir(root, plain):
     assert status == 200 and decode_png(body).shape == (32, 32, 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
   assert proc.returncode == 0, stderr[-3000:]
   assert 'Stopped.' in stdout
   assert '"GET /api/classes HTTP/1.1" 200' in stderr  # Requests are logged.
@@ -493,12 +485,9 @@ def test_cli_classes_flag_and_ctrl_c(plain, dataset_folder, tmp_path):
   """--classes names the classes; Ctrl-C stops the server."""
   _, model = plain
   data, names, colors = dataset_folder(tmp_path / 'data', 8)
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
-       '--port', '0', '--classes', str(data)], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    url = _read_line(proc, timeout=120).split(' at ')[1].split()[0]
+  with _cli_server('--model', model.source, '--classes', str(data)) as (
+      proc, line):
+    url = line.split(' at ')[1].split()[0]
     assert url.startswith('http://127.0.0.1:')  # Loopback by default.
     status, _, body = request(url, '/')
     assert status == 200 and b'<canvas' in body
@@ -507,12 +496,25 @@ def test_cli_classes_flag_and_ctrl_c(plain, dataset_folder, tmp_path):
     assert (info['names'], info['colors']) == (names, colors)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'SIGINT: stopping.' in stderr and 'Stopped.' in stdout
+
+
+@contextlib.contextmanager
+def _cli_server(*args):
+  """`python -m spade_jax.serve ARGS --port 0` -> (process, its first line).
+
+  The process is killed on leaving if it is still running.
+  """
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'spade_jax.serve', *args, '--port', '0'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    yield proc, _read_line(proc, timeout=120)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
-  assert proc.returncode == 0, stderr[-3000:]
-  assert 'SIGINT: stopping.' in stderr and 'Stopped.' in stdout
 
 
 def _read_line(proc, timeout):
