@@ -255,8 +255,8 @@ def class_metadata(config: ml_collections.ConfigDict,
     return found
   if config.get('dataset') == 'synthetic':
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-    return {'names': list(synthetic.CLASS_NAMES),
-            'colors': [list(c) for c in synthetic.CLASS_COLORS]}
+    info = synthetic.dataset_info()
+    return {'names': info.class_names, 'colors': info.colors}
   return None
 
 
