@@ -291,13 +291,15 @@ class WebApp:
     try:
       endpoint, _ = adapter.match()
     except werkzeug.exceptions.NotFound:
-      raise RequestError(404, f'no such path {request.path!r}; the API is '
+      raise RequestError(404, f'no such path {printable(request.path)!r}; '
+                         'the API is '
                          'GET /api/classes, GET /api/sample, POST '
                          '/api/synthesize, POST /api/labelmap.') from None
     except werkzeug.exceptions.MethodNotAllowed as e:
       allowed = ', '.join(sorted(e.valid_methods or ()))
       response = self.error(RequestError(
-          405, f'{request.method} is not allowed on {request.path}; use '
+          405, f'{request.method} is not allowed on '
+          f'{printable(request.path)}; use '
           f'{allowed}.'))
       response.headers['Allow'] = allowed
       return response
@@ -339,6 +341,9 @@ class WebApp:
     for multidict, read in ((form, lambda v: v.encode('utf-8')),
                             (files, lambda f: f.read())):
       for name, values in multidict.lists():
+        if not name:
+          raise RequestError(400, 'malformed multipart body: a part has no '
+                             'Content-Disposition name.')
         if name in out or len(values) > 1:
           raise RequestError(400, f'the field {name!r} is given twice.')
         out[name] = read(values[0])
@@ -460,7 +465,8 @@ class Server:
     self._server = _WaitressServer(
         self.web_app, limits, host=host, port=port, map={},
         threads=limits.threads,
-        connection_limit=limits.max_connections, backlog=limits.backlog,
+        # Waitress counts its listening socket and its wake-up pipe too.
+        connection_limit=limits.max_connections + 2, backlog=limits.backlog,
         max_request_header_size=limits.max_header_bytes,
         # Waitress refuses bodies of this size and more from the headers,
         # before reading them (the client, still sending, may see a reset

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
@@ -168,7 +169,12 @@ def open_image(data: bytes, what: str, max_pixels: int,
   if not data:
     raise RequestError(400, f'the {what} is empty.')
   try:
-    im = Image.open(io.BytesIO(data), formats=formats)
+    with warnings.catch_warnings():  # The size is checked below.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      im = Image.open(io.BytesIO(data), formats=formats)
+  except Image.DecompressionBombError as e:
+    raise RequestError(413, f'the {what} is too large: {e} The limit is '
+                       f'{max_pixels} pixels (--max_pixels).') from None
   except PIL.UnidentifiedImageError:
     raise RequestError(400, f'cannot decode the {what}: it is not a '
                        f'{" or ".join(formats)} file.') from None
