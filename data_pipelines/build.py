@@ -66,6 +66,7 @@ import tqdm
 
 from data_pipelines import layouts
 from data_pipelines import records
+from spade_jax import label_maps
 
 # Default shard size, in source bytes.
 _TARGET_SHARD_BYTES = 128 << 20
@@ -85,23 +86,6 @@ class BuildError(ValueError):
 # Colours and class names.
 
 
-def label_colormap(n: int) -> List[List[int]]:
-  """The reference SPADE/pix2pixHD colour map (`util.labelcolormap`)."""
-  if n == 35:
-    return [list(c) for c in _CITYSCAPES_COLORS]
-  cmap = []
-  for i in range(n):
-    r = g = b = 0
-    cid = i + 1
-    for j in range(7):
-      r ^= ((cid >> 0) & 1) << (7 - j)
-      g ^= ((cid >> 1) & 1) << (7 - j)
-      b ^= ((cid >> 2) & 1) << (7 - j)
-      cid >>= 3
-    cmap.append([r, g, b])
-  return cmap
-
-
 _CITYSCAPES_NAMES = [
     'unlabeled', 'ego vehicle', 'rectification border', 'out of roi',
     'static', 'dynamic', 'ground', 'road', 'sidewalk', 'parking',
@@ -109,15 +93,6 @@ _CITYSCAPES_NAMES = [
     'tunnel', 'pole', 'polegroup', 'traffic light', 'traffic sign',
     'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus',
     'caravan', 'trailer', 'train', 'motorcycle', 'bicycle', 'license plate']
-_CITYSCAPES_COLORS = [
-    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0),
-    (81, 0, 81), (128, 64, 128), (244, 35, 232), (250, 170, 160),
-    (230, 150, 140), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
-    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
-    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32), (0, 0, 142)]
 
 
 def dataset_info_for(layout: layouts.Layout) -> records.DatasetInfo:
@@ -128,7 +103,7 @@ def dataset_info_for(layout: layouts.Layout) -> records.DatasetInfo:
       dataset=layout.name, label_nc=layout.label_nc,
       contain_dontcare_label=layout.contain_dontcare_label,
       has_instance=layout.has_instance, splits={}, class_names=names,
-      colors=label_colormap(n))
+      colors=label_maps.label_colormap(n).tolist())
 
 
 # ---------------------------------------------------------------------------

@@ -23,11 +23,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from spade_jax import label_maps
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff')
 # Label and instance maps must be lossless; non-PNG ones are re-encoded.
 MAP_EXTENSIONS = ('.png', '.bmp', '.gif', '.tif', '.tiff')
-DONTCARE_VALUE = 255
+DONTCARE_VALUE = label_maps.DONT_CARE
 # Unpaired examples named in a PairingError.
 _MAX_LISTED = 50
 
