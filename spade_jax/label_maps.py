@@ -32,6 +32,7 @@ model's palette is `palette_for(num_classes, colors)`: its own colours
 Only numpy and Pillow: the web server and the builder import this module.
 """
 import io
+import json
 import os
 import struct
 from typing import Optional, Sequence, Tuple, Union
@@ -123,6 +124,33 @@ def palette_for(num_classes: int,
       raise LabelMapError('palette colours must be integers in 0..255.')
     palette[:len(given)] = given
   return palette
+
+
+def load_palette(path: str) -> np.ndarray:
+  """A palette file -> uint8 (K, 3), index = class id.
+
+  JSON: a list of [r, g, b], or an object whose "colors" is one (a model's
+  classes.json, a built data set's dataset_info.json).
+  """
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LabelMapError(f'cannot read the palette {path}: {e}') from None
+  colors = obj.get('colors') if isinstance(obj, dict) else obj
+  if colors is None:
+    raise LabelMapError(f'the palette {path} has no "colors" (a JSON list of '
+                        '[r, g, b] per class id, or an object holding one).')
+  try:
+    arr = np.asarray(colors)
+  except ValueError:
+    arr = np.zeros((0,))
+  if arr.ndim != 2 or arr.shape[1:] != (3,) or not len(arr) or \
+      not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or \
+      arr.max() > 255:
+    raise LabelMapError(f'the palette {path} must list [r, g, b] integers in '
+                        '0..255, one per class id.')
+  return arr.astype(np.uint8)
 
 
 def _check_palette(palette) -> np.ndarray:
@@ -254,10 +282,33 @@ def decode_label_map(source: Source, *, palette=None,
 
   Returns:
     int32 (H, W): the pixel values (gray, palette index) or the class ids
-    (colour maps through `palette`).
+    (colour maps through `palette`). `read_label_map` also says which.
 
   Raises:
     LabelMapError: with what is wrong and what to do.
+  """
+  return read_label_map(source, palette=palette, max_pixels=max_pixels,
+                        name=name)[0]
+
+
+def read_label_map(source: Source, *, palette=None,
+                   max_pixels: Optional[int] = None,
+                   name: str = 'label map',
+                   colors_only: bool = False) -> Tuple[np.ndarray, bool]:
+  """`decode_label_map`, also saying whether the palette was used.
+
+  Gray values of a data set are raw values (ADE20K shifted, 255 don't
+  care), while colours decode to class ids; a caller that feeds raw values
+  on converts the latter with `class_ids_to_raw`.
+
+  Args:
+    source, palette, max_pixels, name: as `decode_label_map`.
+    colors_only: the map must be an 8-bit RGB/RGBA map in `palette`'s colours
+      (the builder's --label_format rgb): every pixel goes through the
+      palette, gray-looking ones too, and a single-channel map is an error.
+
+  Returns:
+    (int32 (H, W) ids, True when they are class ids from the palette).
   """
   data = _read_source(source, name)
   if not data:
@@ -277,6 +328,8 @@ def decode_label_map(source: Source, *, palette=None,
         'PNG (16-bit gray for ids above 255) or colours as 8-bit RGB.')
   if palette is not None:
     palette = _check_palette(palette)
+  elif colors_only:
+    raise LabelMapError('colour label maps need a palette.')
   try:
     with Image.open(io.BytesIO(data), formats=['PNG']) as im:
       if width * height and im.size != (width, height):
@@ -292,8 +345,14 @@ def decode_label_map(source: Source, *, palette=None,
   if arr.ndim < 2 or arr.size == 0:
     raise LabelMapError(f'the {name} has shape {arr.shape}: expected (H, W) '
                         'with at least one pixel.')
-  if mode in _ID_MODES:
-    return arr.astype(np.int32)
+  if mode in _ID_MODES or mode == 'LA':
+    if colors_only:
+      raise LabelMapError(
+          f'the {name} has PIL mode {mode}: expected an 8-bit RGB map in the '
+          'class colours (the ids of a gray map are read without '
+          '--label_format rgb).')
+    if mode != 'LA':
+      return arr.astype(np.int32), False
   if mode not in ('RGB', 'RGBA', 'LA'):
     raise LabelMapError(f'the {name} has PIL mode {mode}: expected a gray '
                         '8- or 16-bit PNG of ids, or an 8-bit RGB(A) map.')
@@ -307,13 +366,15 @@ def decode_label_map(source: Source, *, palette=None,
           f'(first at row {row}, col {col}): ids need opaque pixels (or a '
           'PNG without alpha).')
   if mode == 'LA':
-    return arr[..., 0].astype(np.int32)
+    return arr[..., 0].astype(np.int32), False
   rgb = arr[..., :3]
   gray = bool(((rgb[..., 0] == rgb[..., 1]) &
                (rgb[..., 0] == rgb[..., 2])).all())
+  if colors_only:
+    return _palette_ids(rgb, palette, name), True
   if palette is None:
     if gray:
-      return rgb[..., 0].astype(np.int32)
+      return rgb[..., 0].astype(np.int32), False
     differ = int(((rgb[..., 0] != rgb[..., 1]) |
                   (rgb[..., 0] != rgb[..., 2])).sum())
     raise LabelMapError(
@@ -322,16 +383,16 @@ def decode_label_map(source: Source, *, palette=None,
         "model's classes.json / the data set's dataset_info.json; --palette "
         'for the builder) or send the ids as a gray PNG.')
   if not gray:
-    return _palette_ids(rgb, palette, name)
+    return _palette_ids(rgb, palette, name), True
   # Equal channels: gray ids, unless every level is a palette colour.
   levels = np.unique(rgb[..., 0])
   try:
     by_palette = _palette_ids(levels[:, None, None].repeat(3, axis=2),
                               palette, name)[:, 0]
   except LabelMapError:
-    return rgb[..., 0].astype(np.int32)
+    return rgb[..., 0].astype(np.int32), False
   if (by_palette == levels).all():
-    return rgb[..., 0].astype(np.int32)
+    return rgb[..., 0].astype(np.int32), False
   pairs = ', '.join(f'gray {int(v)} = class {int(p)}' for v, p in
                     zip(levels, by_palette) if v != p)
   raise LabelMapError(

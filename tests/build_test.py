@@ -307,7 +307,7 @@ def _truncated_image(src):
 def _corrupt_label(src):
   path = src / 'train_label' / 'b.png'
   path.write_bytes(path.read_bytes()[:40])
-  return path, 'cannot decode label'
+  return path, 'cannot decode the label map'
 
 
 def _label_size(src):
@@ -333,7 +333,7 @@ def _out_of_range(src):
 def _rgb_label(src):
   path = src / 'train_label' / 'b.png'
   _save(path, _image(12, 16))
-  return path, 'single-channel'
+  return path, '--label_format rgb'
 
 
 @pytest.mark.parametrize('corrupt', [
