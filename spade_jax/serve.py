@@ -59,14 +59,18 @@ HTTP API (every 4xx/5xx answer is JSON {"error": "..."}):
   GET  /api/sample?seed=N  JSON like /api/labelmap: a generated synthetic
                          scene (dataset='synthetic' models only).
 
-Label maps are PNGs whose pixel values are the ids: gray 8- or 16-bit,
-palette (the indices), or RGB/RGBA whose three channels are equal (what a
-browser canvas writes; alpha must be opaque). 255 is don't-care for models
-that have that class. A map of another size than the model's is resized to
-it with PIL's nearest neighbour, as spade_jax.synthesize and the data
-pipeline do. Ids outside the model's range, undecodable or non-PNG maps,
-colour maps, unknown, repeated or missing fields and style/seed on a model
-without a VAE get 400; unknown paths 404; other methods 405. Example:
+Label maps are PNGs (the rules of `label_maps.py`, shared with
+spade_jax.synthesize and the data-set builder): gray 8- or 16-bit, palette
+(the indices) or RGB/RGBA whose three channels are equal (what a browser
+canvas writes; alpha must be opaque) hold the ids; an 8-bit RGB(A) map in
+the model's class colours (those /api/classes lists) holds the classes of
+those colours. 16-bit colour PNGs are refused (Pillow would keep only their
+high byte). 255 is don't-care for models that have that class. A map of
+another size than the model's is resized to it with PIL's nearest
+neighbour, as spade_jax.synthesize and the data pipeline do. Ids outside
+the model's range, colours that are no class colour, undecodable or non-PNG
+maps, unknown, repeated or missing fields and style/seed on a model without
+a VAE get 400; unknown paths 404; other methods 405. Example:
 
   curl -F label=@label.png -F seed=3 http://127.0.0.1:8000/api/synthesize \
       -o image.png
@@ -83,7 +87,7 @@ Each limit is a flag:
   --max_field_kb         each multipart part's headers and each text field
                          (413); --max_parts: number of parts (413)
   --max_pixels           pixels of an upload, read from its header before it
-                         is decoded (413); label and instance maps must be
+                         is decoded (400); label and instance maps must be
                          PNGs, style images PNG or JPEG (others are not even
                          opened)
   --max_decodes          uploads decoded at once (503 when none frees in time)
@@ -551,7 +555,7 @@ def define_flags() -> None:
                        'Most parts in a multipart form (413).')
   flags.DEFINE_integer('max_pixels', serve_app.DEFAULT_MAX_PIXELS,
                        'Most pixels in an uploaded image, checked from its '
-                       'header before decoding (413).')
+                       'header before decoding (400).')
   flags.DEFINE_integer('max_decodes', serve_app.DEFAULT_MAX_DECODES,
                        'Uploads decoded at the same time (others wait; 503 '
                        'at the request deadline).')

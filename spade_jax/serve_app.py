@@ -27,6 +27,7 @@ import PIL
 from PIL import Image
 
 from spade_jax import export
+from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import synthesizer
@@ -34,7 +35,7 @@ from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
 PAGE_FILE = 'serve_page.html'
-DONTCARE_VALUE = synthesizer.DONTCARE_VALUE
+DONTCARE_VALUE = label_maps.DONT_CARE
 # Uploads whose header gives more pixels than this are refused before they
 # are decoded (decompression bombs: a small PNG can hold a huge image).
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -45,8 +46,6 @@ DEFAULT_MAX_DECODES = 2
 IMAGE_FORMATS = ('PNG', 'JPEG')
 MAX_SEED = 2**32 - 1
 FIELDS = ('label', 'instance', 'style', 'seed', 'ids')
-# Single-channel PIL modes whose pixel values are the ids.
-_MAP_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L')
 
 
 class RequestError(Exception):
@@ -73,6 +72,12 @@ class Model:
   @property
   def config(self):
     return self.synth.config
+
+  @property
+  def palette(self) -> np.ndarray:
+    """uint8 (num_classes, 3): the class colours; RGB maps in them decode
+    to the class ids."""
+    return np.asarray(self.colors, np.uint8)
 
   def info(self) -> Dict:
     """The /api/classes answer."""
@@ -173,7 +178,7 @@ def open_image(data: bytes, what: str, max_pixels: int,
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
       im = Image.open(io.BytesIO(data), formats=formats)
   except Image.DecompressionBombError as e:
-    raise RequestError(413, f'the {what} is too large: {e} The limit is '
+    raise RequestError(400, f'the {what} is too large: {e} The limit is '
                        f'{max_pixels} pixels (--max_pixels).') from None
   except PIL.UnidentifiedImageError:
     raise RequestError(400, f'cannot decode the {what}: it is not a '
@@ -191,41 +196,22 @@ def open_image(data: bytes, what: str, max_pixels: int,
 def check_pixels(size: Tuple[int, int], what: str, max_pixels: int) -> None:
   w, h = size
   if w * h > max_pixels:
-    raise RequestError(413, f'the {what} is {w}x{h} pixels; the limit is '
+    raise RequestError(400, f'the {what} is {w}x{h} pixels; the limit is '
                        f'{max_pixels} pixels (--max_pixels).')
 
 
 def decode_map(data: bytes, what: str,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-  """A PNG of ids -> int64 (H, W) of its pixel values (see serve.py)."""
-  im = open_image(data, what, max_pixels)
-  if im.format != 'PNG':
-    raise RequestError(400, f'the {what} is a {im.format} image: send a PNG '
-                       '(lossless; the pixel values are the ids).')
-  mode = im.mode
-  arr = np.asarray(im)
-  if mode in _MAP_MODES:
-    pass
-  elif mode in ('RGB', 'RGBA', 'LA'):
-    if mode in ('RGBA', 'LA') and (arr[..., -1] != 255).any():
-      raise RequestError(400, f'the {what} has transparent pixels: ids need '
-                         'opaque pixels (or a gray PNG without alpha).')
-    if mode != 'LA':
-      differ = int(((arr[..., 0] != arr[..., 1]) |
-                    (arr[..., 0] != arr[..., 2])).sum())
-      if differ:
-        raise RequestError(
-            400, f'the {what} is a colour image ({differ} pixels have R, G, '
-            'B not all equal): send the ids as a gray PNG, or RGB with equal '
-            'channels, not a colourised map.')
-    arr = arr[..., 0]
-  else:
-    raise RequestError(400, f'the {what} has PIL mode {mode}: expected a gray '
-                       '8- or 16-bit PNG of ids.')
-  if arr.ndim != 2 or arr.size == 0:
-    raise RequestError(400, f'the {what} has shape {arr.shape}: expected '
-                       '(H, W).')
-  return arr.astype(np.int64)
+               max_pixels: int = DEFAULT_MAX_PIXELS,
+               palette: Optional[np.ndarray] = None
+               ) -> Tuple[np.ndarray, bool]:
+  """A label or instance map PNG -> (int32 (H, W) ids, whether `palette`
+  turned colours into them); `label_maps.read_label_map`'s rules, its
+  refusals as 400."""
+  try:
+    return label_maps.read_label_map(data, palette=palette,
+                                     max_pixels=max_pixels, name=what)
+  except label_maps.LabelMapError as e:
+    raise RequestError(400, str(e)) from None
 
 
 def resize_nearest(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -272,8 +258,9 @@ def read_label(fields: Dict[str, bytes], model: Model,
   if ids not in ('class', 'dataset'):
     raise RequestError(400, f'ids={ids!r}: expected \'class\' (the model\'s '
                        'class ids) or \'dataset\' (raw data-set ids).')
-  raw = decode_map(fields['label'], 'label map', max_pixels)
-  if ids == 'dataset':
+  raw, by_palette = decode_map(fields['label'], 'label map', max_pixels,
+                               model.palette)
+  if ids == 'dataset' and not by_palette:  # Colours give class ids.
     raw = map_dataset_ids(raw, model.config)
   label = check_class_ids(raw, model.config, 'label map')
   return LabelInput(resize_nearest(label, model.synth.image_size),
@@ -321,7 +308,7 @@ def make_job(fields: Dict[str, bytes], model: Model,
     if config.no_instance:
       raise RequestError(400, 'this model uses no instance maps '
                          '(no_instance=True): leave out \'instance\'.')
-    instance = decode_map(fields['instance'], 'instance map', max_pixels)
+    instance, _ = decode_map(fields['instance'], 'instance map', max_pixels)
     if instance.shape != label_in.original_size:
       raise RequestError(
           400, f'the instance map is {instance.shape[1]}x{instance.shape[0]}'

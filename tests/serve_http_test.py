@@ -158,9 +158,9 @@ def test_pixels_are_checked_before_decoding_and_only_png_jpeg_opened(server):
   # been decoded the answer would be a decode error instead.
   for fields in ({'label': huge}, {'label': _label(), 'instance': huge}):
     status, _, body = post(server.url, fields)
-    assert status == 413, body
-    assert f'is 10000x10000 pixels; the limit is {limit} pixels' in (
-        _error(body))
+    assert status == 400, body
+    assert (f'is 10000x10000 = 100000000 pixels; the limit is {limit} '
+            'pixels') in _error(body)
   # An ICO (Pillow would decode its embedded PNG while opening it) is not
   # opened at all, as a label map or as a style image.
   ico = _ico_holding(png(np.zeros((300, 300), np.uint8)))
@@ -169,15 +169,14 @@ def test_pixels_are_checked_before_decoding_and_only_png_jpeg_opened(server):
     assert Image.open(io.BytesIO(ico)).format == 'ICO'  # A valid ICO.
   status, _, body = post(server.url, {'label': ico})
   assert status == 400
-  assert 'cannot decode the label map: it is not a PNG or JPEG' in (
-      _error(body))
+  assert 'the label map is not a PNG file' in _error(body)
   with pytest.raises(serve_app.RequestError, match='style image: it is not '
                      'a PNG or JPEG'):
     serve_app.open_image(ico, 'style image', limit)
   # The limit is the App's: a small one refuses a small map.
   app = serve_app.App(server.app.model, max_pixels=100)
-  with pytest.raises(serve_app.RequestError, match='32x32 pixels; the limit '
-                     'is 100'):
+  with pytest.raises(serve_app.RequestError, match='32x32 = 1024 pixels; '
+                     'the limit is 100 pixels'):
     app.labelmap({'label': _label()}, time.monotonic() + DEADLINE_S)
 
 

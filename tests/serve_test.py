@@ -237,9 +237,12 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(plain):
   body_limit = running.server.limits.max_body_bytes
 
   multipart_cases = [
-      ({'label': b'this is not a png'}, 400, 'cannot decode the label map'),
-      ({'label': jpeg.getvalue()}, 400, 'is a JPEG image: send a PNG'),
-      ({'label': png(colour)}, 400, 'colour image (1024 pixels'),
+      ({'label': b'this is not a png'}, 400,
+       'the label map is not a PNG file'),
+      ({'label': jpeg.getvalue()}, 400, 'the label map is not a PNG file'),
+      ({'label': png(colour)}, 400, 'the label map has 1 colour(s) that are '
+       'not class colours of the palette (8 classes): (5, 0, 0): 1024 '
+       'pixels'),
       ({'label': png(out_of_range)}, 400,
        "class ids [9, 200] at 20 pixels, outside this model's range 0..7"),
       ({'instance': good}, 400, "missing the 'label' field"),
