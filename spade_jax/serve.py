@@ -453,6 +453,9 @@ class _EscapeControl(std_logging.Filter):
     return True
 
 
+_ESCAPE_CONTROL = _EscapeControl()
+
+
 class Server:
   """The web app on waitress: `serve_forever` in one thread, `shutdown`
   from another, then `close`."""
@@ -465,7 +468,7 @@ class Server:
     self.web_app = WebApp(app_, limits, allowed_host_names(host,
                                                            allowed_hosts))
     self._stopping = threading.Event()
-    std_logging.getLogger('waitress').addFilter(_EscapeControl())
+    std_logging.getLogger('waitress').addFilter(_ESCAPE_CONTROL)  # Once.
     self._server = _WaitressServer(
         self.web_app, limits, host=host, port=port, map={},
         threads=limits.threads,

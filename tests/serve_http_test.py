@@ -477,3 +477,70 @@ def test_log_lines_escape_control_bytes(server, caplog):
 
 def _logged(caplog, text):
   return any(text in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------
+# Label maps: 16-bit colour types, colour maps in the model's class colours.
+# ---------------------------------------------------------------------------
+def _png16(samples, color_type):
+  """uint16 (H, W, C) -> a 16-bit-per-sample PNG of `color_type` (2 RGB,
+  4 gray+alpha, 6 RGBA), written by hand: Pillow writes none of them."""
+  h, w = samples.shape[:2]
+  rows = samples.astype('>u2').reshape(h, -1).tobytes()
+  stride = len(rows) // h
+  raw = b''.join(b'\0' + rows[i * stride:(i + 1) * stride] for i in range(h))
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data +
+            struct.pack('>I', zlib.crc32(kind + data)))
+  return (b'\x89PNG\r\n\x1a\n' +
+          chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, color_type, 0, 0,
+                                     0)) +
+          chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def test_16_bit_colour_maps_are_refused_not_cut(server):
+  ids = np.zeros((32, 32), np.uint16)
+  ids[:, 16:] = 5  # Ids 0 and 5: their high bytes are both 0.
+  opaque = np.full_like(ids, 65535)
+  for samples, color_type, kind in [
+      (np.stack([ids] * 3, -1), 2, 'RGB'),
+      (np.stack([ids] * 3 + [opaque], -1), 6, 'RGBA'),
+      (np.stack([ids, opaque], -1), 4, 'gray')]:
+    data = _png16(samples, color_type)
+    for path in ('/api/synthesize', '/api/labelmap'):
+      status, _, body = post(server.url, {'label': data}, path)
+      assert status == 400, (kind, body)
+      assert f'16-bit-per-channel {kind}' in _error(body)
+  # The same ids as a 16-bit gray PNG are read exactly.
+  status, _, body = post(server.url, {'label': png(ids)}, '/api/labelmap')
+  assert status == 200, body
+  np.testing.assert_array_equal(np.reshape(json.loads(body)['ids'],
+                                           (32, 32)), ids)
+
+
+def test_colour_maps_in_the_class_colours_decode_to_their_classes(server):
+  model = server.app.model
+  status, _, body = request(server.url, '/api/classes')
+  colors = np.asarray(json.loads(body)['colors'], np.uint8)
+  ids = blocky_label(32, 32, 6).astype(np.uint8)
+  assert len(np.unique(ids)) >= 4
+  rgb = colors[ids]
+  assert (rgb[..., 0] != rgb[..., 1]).any()  # A colour map, not gray.
+  for path in ('/api/labelmap', '/api/synthesize'):
+    gray = post(server.url, {'label': png(ids)}, path)
+    for fields in ({'label': png(rgb)},
+                   {'label': png(np.dstack([rgb, np.full_like(ids, 255)]))},
+                   {'label': png(rgb), 'ids': 'dataset'}):
+      status, _, body = post(server.url, fields, path)
+      assert status == 200, body
+      assert body == gray[2]  # The same answer as the ids themselves.
+  status, _, body = post(server.url, {'label': png(rgb)}, '/api/labelmap')
+  np.testing.assert_array_equal(np.reshape(json.loads(body)['ids'],
+                                           (32, 32)), ids)
+  # A colour that is no class colour is named.
+  rgb[3, 4] = [1, 2, 3]
+  status, _, body = post(server.url, {'label': png(rgb)})
+  assert status == 400
+  assert '(1, 2, 3): 1 pixels, first at (row 3, col 4)' in _error(body)
+  assert model.palette.shape == (8, 3)

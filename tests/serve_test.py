@@ -496,12 +496,20 @@ def test_cli_classes_flag_and_ctrl_c(plain, dataset_folder, tmp_path):
   """--classes names the classes; Ctrl-C stops the server."""
   _, model = plain
   data, names, colors = dataset_folder(tmp_path / 'data', 8)
-  with _cli_server('--model', model.source, '--classes', str(data)) as (
-      proc, line):
+  with _cli_server('--model', model.source, '--classes', str(data),
+                   '--max_upload_mb', '0.5', '--allowed_hosts',
+                   'spade.example') as (proc, line):
     url = line.split(' at ')[1].split()[0]
     assert url.startswith('http://127.0.0.1:')  # Loopback by default.
     status, _, body = request(url, '/')
     assert status == 200 and b'<canvas' in body
+    # The limit flags reach the server.
+    status, _, body = request(url, '/api/classes',
+                              headers={'Host': 'spade.example'})
+    assert status == 200, body
+    status, _, body = request(url, '/api/synthesize', 'POST',
+                              b'\0' * 2**20, 'image/png')
+    assert status == 413 and 'the limit is 524288 bytes' in body.decode()
     status, _, body = request(url, '/api/classes')
     info = json.loads(body)
     assert (info['names'], info['colors']) == (names, colors)
@@ -559,6 +567,11 @@ def test_cli_reports_a_missing_model_and_mismatched_classes(
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert (f'ERROR: the data set {other} has 5 classes (label_nc in '
           'dataset_info.json) but the model has label_nc=8') in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
+       '--max_field_kb', '8'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'max_field_bytes=8192: must be at least 128 KiB' in proc.stderr
 
 
 # ---------------------------------------------------------------------------
