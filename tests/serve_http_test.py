@@ -544,3 +544,31 @@ def test_colour_maps_in_the_class_colours_decode_to_their_classes(server):
   assert status == 400
   assert '(1, 2, 3): 1 pixels, first at (row 3, col 4)' in _error(body)
   assert model.palette.shape == (8, 3)
+
+
+def test_chunked_bodies_are_decoded_and_bounded(server):
+  label = _label()
+  chunked = b'%x\r\n%s\r\n0\r\n\r\n' % (len(label), label)
+  with _connect(server.url) as sock:
+    sock.sendall(b'POST /api/labelmap HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                 b'Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n'
+                 b'Connection: close\r\n\r\n' + chunked)
+    answers = _responses(sock)
+  assert [s for s, _ in answers] == [200], answers
+  assert json.loads(answers[0][1])['height'] == 32
+  # Over the limit: refused, whichever layer counts it first.
+  limit = server.server.limits.max_body_bytes
+  block = b'\0' * 2**20
+  with _connect(server.url) as sock:
+    sock.sendall(b'POST /api/labelmap HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                 b'Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n'
+                 b'Connection: close\r\n\r\n')
+    try:
+      for _ in range(limit // len(block) + 2):
+        sock.sendall(b'%x\r\n%s\r\n' % (len(block), block))
+      sock.sendall(b'0\r\n\r\n')
+    except ConnectionError:
+      pass  # Refused while sending.
+    answers = _responses(sock)
+  assert [s for s, _ in answers] == [413], answers
+  assert f'the limit is {limit} bytes' in _error(answers[0][1])
