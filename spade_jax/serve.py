@@ -244,6 +244,8 @@ class WebApp:
       logging.exception('Request %s failed', printable(_request_line(environ)))
       response = self.error(RequestError(
           500, f'internal error: {type(e).__name__}: {e}'))
+    finally:
+      request.close()  # Uploads werkzeug spooled to temporary files.
     response.headers['Cache-Control'] = 'no-store'
     self.log(environ, response, started)
     return response(environ, start_response)
@@ -296,15 +298,14 @@ class WebApp:
       endpoint, _ = adapter.match()
     except werkzeug.exceptions.NotFound:
       raise RequestError(404, f'no such path {printable(request.path)!r}; '
-                         'the API is '
-                         'GET /api/classes, GET /api/sample, POST '
-                         '/api/synthesize, POST /api/labelmap.') from None
+                         'the API is GET /api/classes, GET /api/sample, '
+                         'POST /api/synthesize, POST /api/labelmap.'
+                         ) from None
     except werkzeug.exceptions.MethodNotAllowed as e:
       allowed = ', '.join(sorted(e.valid_methods or ()))
       response = self.error(RequestError(
           405, f'{request.method} is not allowed on '
-          f'{printable(request.path)}; use '
-          f'{allowed}.'))
+          f'{printable(request.path)}; use {allowed}.'))
       response.headers['Allow'] = allowed
       return response
     if endpoint == 'page':
@@ -396,7 +397,7 @@ class _ErrorTask(waitress.task.ErrorTask):
 
   def execute(self):
     error = self.request.error
-    message = f'{error.reason}: {error.body}.'
+    message = f'{error.reason}: {str(error.body).rstrip(".")}.'
     limits = self.channel.server.limits
     if isinstance(error, waitress.utilities.RequestEntityTooLarge):
       message = _too_large(self.request.content_length or 'over '
