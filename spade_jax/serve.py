@@ -91,7 +91,8 @@ Each limit is a flag:
                          PNGs, style images PNG or JPEG (others are not even
                          opened)
   --max_decodes          uploads decoded at once (503 when none frees in time)
-  --max_connections      open connections (more wait in the --backlog queue)
+  --max_connections      open connections (as many more get a 503, and the
+                         rest wait in the --backlog queue)
   --request_timeout_s    the whole request: an upload still arriving after it
                          is dropped; an answer not ready by then is a 503
   --idle_timeout_s       a keep-alive connection left silent is closed
@@ -383,6 +384,23 @@ class _Parser(waitress.parser.HTTPRequestParser):
     self.started = time.monotonic()
 
 
+class _ServiceUnavailable(waitress.utilities.Error):
+  code = 503
+  reason = 'Service Unavailable'
+
+
+class _OverloadedParser(_Parser):
+  """Refuses its request (503) once the headers are in: it arrived on a
+  connection past --max_connections."""
+
+  def received(self, data):
+    consumed = super().received(data)
+    if self.headers_finished and not self.error and not self.empty:
+      self.error = _ServiceUnavailable('too many connections')
+      self.completed = True
+    return consumed
+
+
 class _Task(waitress.task.WSGITask):
 
   def get_environment(self):
@@ -403,6 +421,9 @@ class _ErrorTask(waitress.task.ErrorTask):
       message = _too_large(self.request.content_length or 'over '
                            f'{self.channel.adj.max_request_body_size - 1}',
                            limits.max_body_bytes)
+    elif isinstance(error, _ServiceUnavailable):
+      message = (f'the server has {limits.max_connections} connections open '
+                 '(--max_connections): try again shortly.')
     elif isinstance(error, waitress.utilities.RequestHeaderFieldsTooLarge):
       message = (f'the request line and headers are over '
                  f'{limits.max_header_bytes} bytes (--max_header_kb).')
@@ -418,9 +439,17 @@ class _ErrorTask(waitress.task.ErrorTask):
 
 
 class _Channel(waitress.channel.HTTPChannel):
+  """A connection; one past --max_connections answers its request with a
+  503 and closes."""
   parser_class = _Parser
   task_class = _Task
   error_task_class = _ErrorTask
+
+  def __init__(self, server, sock, addr, adj, map=None):  # pylint: disable=redefined-builtin
+    # Counted before this one joins them.
+    if len(server.active_channels) >= server.limits.max_connections:
+      self.parser_class = _OverloadedParser
+    super().__init__(server, sock, addr, adj, map)
 
 
 class _WaitressServer(waitress.server.TcpWSGIServer):
@@ -473,8 +502,11 @@ class Server:
     self._server = _WaitressServer(
         self.web_app, limits, host=host, port=port, map={},
         threads=limits.threads,
-        # Waitress counts its listening socket and its wake-up pipe too.
-        connection_limit=limits.max_connections + 2, backlog=limits.backlog,
+        # Up to max_connections more get a 503 (_Channel); past those, the
+        # rest wait in the backlog. Waitress counts its listening socket and
+        # its wake-up pipe too.
+        connection_limit=2 * limits.max_connections + 2,
+        backlog=limits.backlog,
         max_request_header_size=limits.max_header_bytes,
         # Waitress refuses bodies of this size and more from the headers,
         # before reading them (the client, still sending, may see a reset
@@ -564,8 +596,8 @@ def define_flags() -> None:
                        'Uploads decoded at the same time (others wait; 503 '
                        'at the request deadline).')
   flags.DEFINE_integer('max_connections', _DEFAULTS.max_connections,
-                       'Open connections served at once (more wait in the '
-                       'listen backlog).')
+                       'Open connections served at once (as many more get '
+                       'a 503; the rest wait in the listen backlog).')
   flags.DEFINE_integer('backlog', _DEFAULTS.backlog,
                        'Listen backlog: connections waiting to be accepted.')
   flags.DEFINE_float('request_timeout_s', _DEFAULTS.request_timeout_s,

@@ -331,20 +331,32 @@ def test_slow_clients_take_no_threads(server):
       sock.close()
 
 
-def test_connections_over_the_limit_wait_for_a_free_one(model):
+def test_connections_over_the_limit_get_503(model):
   running = RunningServer(model, limits=serve.Limits(max_connections=3))
   idle = [_connect(running.url) for _ in range(3)]
   try:
-    # Connected (in the backlog) but not served while three are open.
-    waiting = _connect(running.url)
-    waiting.sendall(_get('/api/classes', extra=b'Connection: close\r\n'))
-    waiting.settimeout(1)
-    with pytest.raises(socket.timeout):
-      waiting.recv(1)
+    for sock in idle:  # Served (keep-alive), then left open.
+      sock.sendall(_get('/api/classes'))
+    # Each answered: the 3 connections are open and served.
+    for sock in idle:
+      assert int(sock.makefile('rb').readline().split()[1]) == 200
+    with _connect(running.url) as extra:
+      extra.sendall(_get('/api/classes'))
+      answers = _responses(extra)
+      assert [s for s, _ in answers] == [503]
+      assert '3 connections open (--max_connections)' in _error(
+          answers[0][1])
+      assert _closed(extra)
     idle.pop().close()
-    waiting.settimeout(DEADLINE_S)
-    assert [s for s, _ in _responses(waiting)] == [200]
-    waiting.close()
+    stop = time.monotonic() + DEADLINE_S
+    while True:  # Served again once the server has seen the close.
+      with _connect(running.url) as sock:
+        sock.sendall(_get('/api/classes', extra=b'Connection: close\r\n'))
+        statuses = [s for s, _ in _responses(sock)]
+      if statuses != [503] or time.monotonic() > stop:
+        break
+      time.sleep(0.2)
+    assert statuses == [200]
   finally:
     for sock in idle:
       sock.close()
