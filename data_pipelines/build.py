@@ -8,6 +8,7 @@ Usage:
       --image_dir I [--instance_dir N] --label_nc 20 \
       [--contain_dontcare_label] [--split train] --data_dir OUT
   python -m data_pipelines.build --dataset synthetic --data_dir OUT
+  ... --label_format rgb [--palette colors.json]   colour label maps
 
 `--manual_dir` holds the files as released (see `layouts.py` for each data
 set's layout); the output is the format of `records.py`, which
@@ -64,14 +65,15 @@ from PIL import Image
 import tensorflow as tf
 import tqdm
 
+from data_pipelines import coco_instances
 from data_pipelines import layouts
 from data_pipelines import records
+from spade_jax import label_maps
 
 # Default shard size, in source bytes.
 _TARGET_SHARD_BYTES = 128 << 20
 _MAX_REPORTED_ERRORS = 50
 _TRAIN_ORDER_SEED = 0
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # Image formats stored as they are; others are re-encoded to PNG.
 _KEPT_IMAGE_FORMATS = ('JPEG', 'MPO', 'PNG')
 _TMP_PREFIX = '.build-'
@@ -85,23 +87,6 @@ class BuildError(ValueError):
 # Colours and class names.
 
 
-def label_colormap(n: int) -> List[List[int]]:
-  """The reference SPADE/pix2pixHD colour map (`util.labelcolormap`)."""
-  if n == 35:
-    return [list(c) for c in _CITYSCAPES_COLORS]
-  cmap = []
-  for i in range(n):
-    r = g = b = 0
-    cid = i + 1
-    for j in range(7):
-      r ^= ((cid >> 0) & 1) << (7 - j)
-      g ^= ((cid >> 1) & 1) << (7 - j)
-      b ^= ((cid >> 2) & 1) << (7 - j)
-      cid >>= 3
-    cmap.append([r, g, b])
-  return cmap
-
-
 _CITYSCAPES_NAMES = [
     'unlabeled', 'ego vehicle', 'rectification border', 'out of roi',
     'static', 'dynamic', 'ground', 'road', 'sidewalk', 'parking',
@@ -109,15 +94,6 @@ _CITYSCAPES_NAMES = [
     'tunnel', 'pole', 'polegroup', 'traffic light', 'traffic sign',
     'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus',
     'caravan', 'trailer', 'train', 'motorcycle', 'bicycle', 'license plate']
-_CITYSCAPES_COLORS = [
-    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0),
-    (81, 0, 81), (128, 64, 128), (244, 35, 232), (250, 170, 160),
-    (230, 150, 140), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (180, 165, 180), (150, 100, 100), (150, 120, 90), (153, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
-    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
-    (0, 0, 70), (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32), (0, 0, 142)]
 
 
 def dataset_info_for(layout: layouts.Layout) -> records.DatasetInfo:
@@ -128,7 +104,7 @@ def dataset_info_for(layout: layouts.Layout) -> records.DatasetInfo:
       dataset=layout.name, label_nc=layout.label_nc,
       contain_dontcare_label=layout.contain_dontcare_label,
       has_instance=layout.has_instance, splits={}, class_names=names,
-      colors=label_colormap(n))
+      colors=label_maps.label_colormap(n).tolist())
 
 
 # ---------------------------------------------------------------------------
@@ -182,13 +158,6 @@ def prepare_image(data: bytes, path: str) -> Tuple[bytes, int, int]:
   return _encode_png(full), height, width
 
 
-def _png_header(data: bytes) -> Optional[Tuple[int, int]]:
-  """(bit depth, colour type) of a PNG, or None if `data` is no PNG."""
-  if len(data) < 26 or not data.startswith(_PNG_SIGNATURE):
-    return None
-  return data[24], data[25]
-
-
 def map_to_array(im: Image.Image, path: str, what: str) -> np.ndarray:
   """The raw values of a single-channel label or instance map."""
   if im.mode in ('L', 'P'):
@@ -209,17 +178,90 @@ def map_to_array(im: Image.Image, path: str, what: str) -> np.ndarray:
 
 def encode_map_png(arr: np.ndarray) -> bytes:
   """A grayscale PNG of integer values: 8-bit if they fit, else 16-bit."""
-  if arr.dtype == np.uint8 or (arr.size and int(arr.max()) < 256):
-    return _encode_png(Image.fromarray(arr.astype(np.uint8)))  # Mode L.
-  return _encode_png(Image.fromarray(arr.astype('<u2')))  # Mode I;16.
+  try:
+    return label_maps.encode_label_map(arr)
+  except label_maps.LabelMapError as e:
+    raise BuildError(str(e)) from None
 
 
-def prepare_map(data: bytes, path: str,
-                what: str) -> Tuple[bytes, np.ndarray]:
-  """Checks a label/instance map; returns (PNG bytes to store, values)."""
-  arr = map_to_array(_open(data, path, what), path, what)
-  header = _png_header(data)
-  if header is not None and header[1] == 0 and header[0] in (8, 16):
+@dataclasses.dataclass(frozen=True)
+class LabelFormat:
+  """How label maps hold their classes.
+
+  'ids': the pixel values are the raw ids (gray PNG, or RGB with equal
+  channels; `label_maps` rules). 'rgb': 8-bit RGB maps in `palette`'s
+  colours (index = class id), stored as the raw ids they stand for.
+  """
+  kind: str = 'ids'
+  palette: Optional[np.ndarray] = None
+
+
+LABEL_FORMATS = ('ids', 'rgb')
+
+
+def make_label_format(kind: str, layout: layouts.Layout,
+                      palette_file: Optional[str] = None) -> LabelFormat:
+  """The LabelFormat of a build: --label_format and --palette checked."""
+  if kind not in LABEL_FORMATS:
+    raise ValueError(f'label_format={kind!r}: expected one of '
+                     f'{", ".join(LABEL_FORMATS)}.')
+  if kind == 'ids':
+    if palette_file:
+      raise ValueError('--palette is for --label_format rgb (gray maps hold '
+                       'the ids themselves).')
+    return LabelFormat()
+  n = layout.label_nc + (1 if layout.contain_dontcare_label else 0)
+  if not palette_file:
+    return LabelFormat('rgb', label_maps.label_colormap(n))
+  try:
+    palette = label_maps.load_palette(palette_file)
+  except label_maps.LabelMapError as e:
+    raise ValueError(str(e)) from None
+  if not layout.label_nc <= len(palette) <= n:
+    want = (f'{layout.label_nc} or {n}' if n > layout.label_nc else str(n))
+    raise ValueError(
+        f'{palette_file}: {len(palette)} colours, but {layout.name} has '
+        f'label_nc {layout.label_nc}' +
+        (' plus a don\'t-care class' if n > layout.label_nc else '') +
+        f': give {want} colours (index = class id).')
+  if len(palette) < n:  # The don't-care class keeps the default colour.
+    palette = np.concatenate([palette,
+                              label_maps.label_colormap(n)[len(palette):]])
+  return LabelFormat('rgb', palette)
+
+
+def prepare_map(data: bytes, path: str, what: str,
+                label_format: Optional[LabelFormat] = None,
+                layout: Optional[layouts.Layout] = None
+                ) -> Tuple[bytes, np.ndarray]:
+  """Checks a label/instance map; returns (PNG bytes to store, raw values).
+
+  PNGs follow `label_maps.read_label_map`'s rules (the same as synthesize
+  and the server); colour maps (`label_format` 'rgb', label maps only)
+  become the raw ids of `layout`. Other lossless formats (BMP, GIF, TIFF)
+  must be single-channel.
+  """
+  colors = label_format is not None and label_format.kind == 'rgb'
+  header = label_maps.png_header(data)
+  if header is None:
+    if colors:
+      raise BuildError(f'{path}: --label_format rgb needs PNG colour maps.')
+    arr = map_to_array(_open(data, path, what), path, what)
+    return encode_map_png(arr), arr
+  try:
+    arr, by_palette = label_maps.read_label_map(
+        data, palette=label_format.palette if colors else None,
+        colors_only=colors, name=f'{what} map')
+  except label_maps.LabelMapError as e:
+    hint = (' (a colour label map: build with --label_format rgb, and '
+            '--palette if its colours are not the data set\'s)'
+            if 'no palette was given' in str(e) and what == 'label' else '')
+    raise BuildError(f'{path}: {e}{hint}') from None
+  if by_palette:
+    arr = label_maps.class_ids_to_raw(
+        arr, dataset=layout.name, label_nc=layout.label_nc,
+        contain_dontcare_label=layout.contain_dontcare_label)
+  elif header[3] == 0 and header[2] in (8, 16):
     return data, arr  # Grayscale 8/16-bit PNG: stored as it is.
   return encode_map_png(arr), arr
 
@@ -241,12 +283,14 @@ def _check_size(path: str, what: str, arr: np.ndarray, height: int,
         f'from the image {image_path} ({width}x{height}).')
 
 
-def load_example(example: layouts.Example, layout: layouts.Layout) -> bytes:
+def load_example(example: layouts.Example, layout: layouts.Layout,
+                 label_format: Optional[LabelFormat] = None) -> bytes:
   """Reads, checks and serializes one example (raises BuildError)."""
   image, height, width = prepare_image(_read(example.image_path),
                                        example.image_path)
   label, label_arr = prepare_map(_read(example.label_path),
-                                 example.label_path, 'label')
+                                 example.label_path, 'label', label_format,
+                                 layout)
   _check_size(example.label_path, 'label', label_arr, height, width,
               example.image_path)
   bad = bad_label_values(label_arr, layout)
@@ -259,7 +303,18 @@ def load_example(example: layouts.Example, layout: layouts.Layout) -> bytes:
         f'{example.label_path}: class ids {shown} are outside the range of '
         f'{layout.name} (label_nc {layout.label_nc}: raw values {allowed}).')
   instance = b''
-  if example.instance_path:
+  if example.annotation_file:
+    try:
+      polygons = coco_instances.read_annotations(example.annotation_file)
+      if example.name not in polygons:
+        raise BuildError(f'{example.label_path}: image {example.name} is not '
+                         f'in {example.annotation_file}, which its instance '
+                         'map is made from.')
+      instance = encode_map_png(coco_instances.instance_map(
+          label_arr, polygons[example.name]))
+    except coco_instances.AnnotationError as e:
+      raise BuildError(str(e)) from None
+  elif example.instance_path:
     instance, inst_arr = prepare_map(_read(example.instance_path),
                                      example.instance_path, 'instance')
     _check_size(example.instance_path, 'instance', inst_arr, height, width,
@@ -558,7 +613,9 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
                   synthetic_num_train: int = 2000,
                   synthetic_num_val: int = 64,
                   synthetic_size: int = 96,
-                  seed: int = 0) -> Dict[str, Dict[str, Any]]:
+                  seed: int = 0,
+                  label_format: str = 'ids',
+                  palette: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
   """Builds the TFRecords of a data set into `data_dir`.
 
   Args:
@@ -580,6 +637,10 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
     synthetic_num_val: synthetic: validation scenes.
     synthetic_size: synthetic: scene height and width.
     seed: synthetic: generator seed.
+    label_format: 'ids' (gray maps of the raw ids) or 'rgb' (colour maps in
+      the class colours, stored as ids).
+    palette: rgb: a JSON palette file (`label_maps.load_palette`); default:
+      the data set's colours (those of dataset_info.json).
 
   Returns:
     Per split: {'examples', 'shards', 'bytes', 'seconds'}.
@@ -590,6 +651,9 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
   """
   start = time.time()
   if dataset == 'synthetic':
+    if label_format != 'ids' or palette:
+      raise ValueError('--label_format/--palette do not apply to the '
+                       'synthetic set (it draws its own maps).')
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
     summary = synthetic.build_synthetic(
         data_dir, synthetic_num_train, synthetic_num_val, synthetic_size,
@@ -601,10 +665,18 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
                                      bool(instance_dir), split)
     else:
       layout = layouts.get_layout(dataset)
+    fmt = make_label_format(label_format, layout, palette)
     wanted = list(splits or layout.splits)
     examples = {s: layouts.find_examples(
         layout, s, manual_dir, image_dir=image_dir, label_dir=label_dir,
         instance_dir=instance_dir) for s in wanted}
+    for f in sorted({e.annotation_file for exs in examples.values()
+                     for e in exs if e.annotation_file}):
+      logging.info('Reading the COCO annotations %s', f)
+      try:
+        coco_instances.read_annotations(f)  # Cached for the examples.
+      except coco_instances.AnnotationError as e:
+        raise BuildError(str(e)) from None
     workers = num_workers or os.cpu_count() or 1
     plan = {}
     for s, exs in examples.items():
@@ -614,10 +686,13 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
           len(exs), sum(ordered_map(_source_bytes, exs, workers)),
           num_shards, examples_per_shard)
       load = lambda ex, layout=layout: _try(  # pylint: disable=g-long-lambda
-          lambda e: load_example(e, layout), ex)
+          lambda e: load_example(e, layout, fmt), ex)
       plan[s] = (len(exs), n,
                  lambda _, exs=exs, load=load: ordered_map(load, exs, workers))
-    summary = build_splits(data_dir, dataset_info_for(layout), plan)
+    info = dataset_info_for(layout)
+    if fmt.palette is not None:
+      info = dataclasses.replace(info, colors=fmt.palette.tolist())
+    summary = build_splits(data_dir, info, plan)
   logging.info('Built %s in %s (%.1f s): %s', dataset, data_dir,
                time.time() - start, summary_line(summary))
   return summary
@@ -657,6 +732,12 @@ def define_flags() -> None:
                        'synthetic: validation scenes.')
   flags.DEFINE_integer('synthetic_size', 96, 'synthetic: scene size.')
   flags.DEFINE_integer('seed', 0, 'synthetic: generator seed.')
+  flags.DEFINE_enum('label_format', 'ids', list(LABEL_FORMATS),
+                    'ids: gray label maps of the raw ids; rgb: colour maps '
+                    'in the class colours (the data set\'s, or --palette).')
+  flags.DEFINE_string('palette', None,
+                      'rgb: JSON palette, [[r, g, b], ...] per class id, or a '
+                      'classes.json / dataset_info.json holding "colors".')
   flags.mark_flags_as_required(['dataset', 'data_dir'])
 
 
@@ -674,7 +755,8 @@ def main(argv: Sequence[str]) -> None:
         num_workers=FLAGS.num_workers,
         synthetic_num_train=FLAGS.synthetic_num_train,
         synthetic_num_val=FLAGS.synthetic_num_val,
-        synthetic_size=FLAGS.synthetic_size, seed=FLAGS.seed)
+        synthetic_size=FLAGS.synthetic_size, seed=FLAGS.seed,
+        label_format=FLAGS.label_format, palette=FLAGS.palette)
   except (BuildError, ValueError) as e:
     logging.error('%s', e)
     sys.exit(f'Build failed: {e}')

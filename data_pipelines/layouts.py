@@ -4,6 +4,11 @@
 files of one split, paired by base name. Layouts (relative to `manual_dir`):
 
   coco_stuff  {split}_img/*.jpg  {split}_label/*.png  {split}_inst/*.png
+              (the reference repo's prepared layout), or the official
+              release: {split}2017/*.jpg,
+              stuffthingmaps_trainval2017/{split}2017/*.png (or
+              stuffthingmaps/...), annotations/instances_{split}2017.json
+              (instance maps made from it, see `coco_instances.py`)
               splits train, val
   ade20k      ADEChallengeData2016/images/{training,validation}/*.jpg
               ADEChallengeData2016/annotations/{training,validation}/*.png
@@ -21,13 +26,16 @@ import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from absl import logging
 import tensorflow as tf
+
+from spade_jax import label_maps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff')
 # Label and instance maps must be lossless; non-PNG ones are re-encoded.
 MAP_EXTENSIONS = ('.png', '.bmp', '.gif', '.tif', '.tiff')
-DONTCARE_VALUE = 255
+DONTCARE_VALUE = label_maps.DONT_CARE
 # Unpaired examples named in a PairingError.
 _MAX_LISTED = 50
 
@@ -39,6 +47,8 @@ class Example:
   image_path: str
   label_path: str
   instance_path: Optional[str] = None
+  # COCO instances_*.json the instance map is made from (official layout).
+  annotation_file: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,13 +125,66 @@ def _list_files(folder: str, extensions: Sequence[str],
   if not tf.io.gfile.isdir(folder):
     return []
   if recursive:
-    paths = []
-    for root, _, files in tf.io.gfile.walk(folder):
-      paths.extend(os.path.join(root, f) for f in files)
+    paths = _walk_files(folder)
   else:
     paths = [os.path.join(folder, f) for f in tf.io.gfile.listdir(folder)]
   return sorted(p for p in paths
                 if os.path.splitext(p)[1].lower() in extensions)
+
+
+def _is_local(path: str) -> bool:
+  return '://' not in path
+
+
+def _walk_files(folder: str) -> List[str]:
+  """Every file under `folder`; each real folder is read once.
+
+  Local symlinks to folders are followed (data sets are often linked in),
+  but a folder already read (a `loop -> ..` link, or a second link to the
+  same folder) is skipped with a warning, so loops cannot hang the build or
+  list files twice. Cloud paths have no links and go through tf.io.gfile.
+  """
+  if not _is_local(folder):
+    paths = []
+    for root, _, files in tf.io.gfile.walk(folder):
+      paths.extend(os.path.join(root, f) for f in files)
+    return paths
+  paths, seen, skipped = [], set(), []
+  stack = [folder]
+  while stack:
+    root = stack.pop()
+    try:
+      st = os.stat(root)
+    except OSError as e:
+      skipped.append(f'{root} ({e.strerror})')
+      continue
+    if (st.st_dev, st.st_ino) in seen:
+      skipped.append(f'{root} -> {os.path.realpath(root)} (already read)')
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    try:
+      entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+      skipped.append(f'{root} ({e.strerror})')
+      continue
+    subdirs = []
+    for entry in entries:
+      try:
+        is_dir = entry.is_dir()  # Follows links.
+      except OSError:
+        is_dir = False
+      if is_dir:
+        subdirs.append(entry.path)
+      else:
+        paths.append(entry.path)
+    stack.extend(reversed(subdirs))
+  if skipped:
+    logging.warning('Skipped %d folder(s) under %s that are links to folders '
+                    'already read (symlink loops or duplicates) or '
+                    'unreadable: %s', len(skipped), folder,
+                    '; '.join(skipped[:10]) +
+                    (' ...' if len(skipped) > 10 else ''))
+  return paths
 
 
 def _key(path: str, suffix: str = '') -> Optional[str]:
@@ -226,6 +289,38 @@ def _coco_like(manual_dir: str, split: str, instance: bool) -> List[Example]:
       os.path.join(manual_dir, f'{split}_inst') if instance else None)
 
 
+_COCO_MAP_FOLDERS = ('stuffthingmaps_trainval2017', 'stuffthingmaps')
+
+
+def _coco_stuff(manual_dir: str, split: str) -> List[Example]:
+  """The reference's prepared layout, else the official release's."""
+  if tf.io.gfile.isdir(os.path.join(manual_dir, f'{split}_img')):
+    return _coco_like(manual_dir, split, True)
+  image_dir = os.path.join(manual_dir, f'{split}2017')
+  label_dirs = [os.path.join(manual_dir, m, f'{split}2017')
+                for m in _COCO_MAP_FOLDERS]
+  annotations = os.path.join(manual_dir, 'annotations',
+                             f'instances_{split}2017.json')
+  label_dir = next((d for d in label_dirs if tf.io.gfile.isdir(d)), None)
+  if not tf.io.gfile.isdir(image_dir) or label_dir is None:
+    raise PairingError(
+        f'{manual_dir} holds neither COCO-Stuff layout for split {split!r}: '
+        f'the prepared one ({split}_img, {split}_label, {split}_inst) nor '
+        f'the official release ({split}2017/ images, '
+        f'{_COCO_MAP_FOLDERS[0]}/{split}2017/ label maps, '
+        f'annotations/instances_{split}2017.json).')
+  if not tf.io.gfile.exists(annotations):
+    raise PairingError(
+        f'{annotations} is missing: the official COCO-Stuff layout makes the '
+        'instance maps from the COCO annotations (annotations_trainval2017.'
+        'zip).')
+  examples = pair_files(_list_files(image_dir, IMAGE_EXTENSIONS),
+                        _list_files(label_dir, MAP_EXTENSIONS), None,
+                        where=f'{image_dir}, {label_dir}')
+  return [dataclasses.replace(e, annotation_file=annotations)
+          for e in examples]
+
+
 def _ade20k(manual_dir: str, split: str) -> List[Example]:
   folder = {'train': 'training', 'val': 'validation'}[split]
   root = os.path.join(manual_dir, 'ADEChallengeData2016')
@@ -277,7 +372,9 @@ def find_examples(layout: Layout, split: str, manual_dir: Optional[str] = None,
   if not manual_dir:
     raise ValueError(f'{layout.name} needs --manual_dir (the folder holding '
                      'the released files).')
-  if layout.name in ('coco_stuff', 'facades'):
+  if layout.name == 'coco_stuff':
+    return _coco_stuff(manual_dir, split)
+  if layout.name == 'facades':
     return _coco_like(manual_dir, split, layout.has_instance)
   if layout.name == 'ade20k':
     return _ade20k(manual_dir, split)

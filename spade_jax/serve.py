@@ -2,7 +2,7 @@ r"""Interactive GauGAN-style web app: paint a label map, get an image.
 
   python -m spade_jax.serve --model MODEL [--classes DATA_OR_JSON] \
       [--host 127.0.0.1] [--port 8000] [--step N] [--max_batch 1] \
-      [--max_upload_mb 10]
+      [--allowed_hosts NAME,...] [limits, see below]
 
 MODEL is a model folder (`spade_jax.export` or `spade_jax.convert`) or a
 training workdir (`python -m spade_jax.main ... --workdir DIR`; its latest
@@ -41,7 +41,8 @@ HTTP API (every 4xx/5xx answer is JSON {"error": "..."}):
                                      that uses instance maps gets the label
                                      map itself (as spade_jax.synthesize does)
                            style     (optional, VAE models with an encoder)
-                                     an image whose style the encoder takes
+                                     a PNG or JPEG image whose style the
+                                     encoder takes
                            seed      (optional, VAE models) integer 0..2**32-1
                                      of the z draw (default 0); with a style
                                      image it seeds the encoder's sample
@@ -58,840 +59,153 @@ HTTP API (every 4xx/5xx answer is JSON {"error": "..."}):
   GET  /api/sample?seed=N  JSON like /api/labelmap: a generated synthetic
                          scene (dataset='synthetic' models only).
 
-Label maps are PNGs whose pixel values are the ids: gray 8- or 16-bit,
-palette (the indices), or RGB/RGBA whose three channels are equal (what a
-browser canvas writes; alpha must be opaque). 255 is don't-care for models
-that have that class. A map of another size than the model's is resized to
-it with PIL's nearest neighbour, as spade_jax.synthesize and the data
-pipeline do. Ids outside the model's range, undecodable or non-PNG maps,
-colour maps, unknown or missing fields and style/seed on a model without a
-VAE get 400; bodies over --max_upload_mb get 413 (checked from
-Content-Length, before the body is read); unknown paths 404; other methods
-405. Example:
+Label maps are PNGs (the rules of `label_maps.py`, shared with
+spade_jax.synthesize and the data-set builder): gray 8- or 16-bit, palette
+(the indices) or RGB/RGBA whose three channels are equal (what a browser
+canvas writes; alpha must be opaque) hold the ids; an 8-bit RGB(A) map in
+the model's class colours (those /api/classes lists) holds the classes of
+those colours. 16-bit colour PNGs are refused (Pillow would keep only their
+high byte). 255 is don't-care for models that have that class. A map of
+another size than the model's is resized to it with PIL's nearest
+neighbour, as spade_jax.synthesize and the data pipeline do. Ids outside
+the model's range, colours that are no class colour, undecodable or non-PNG
+maps, unknown, repeated or missing fields and style/seed on a model without
+a VAE get 400; unknown paths 404; other methods 405. Example:
 
   curl -F label=@label.png -F seed=3 http://127.0.0.1:8000/api/synthesize \
       -o image.png
 
-One worker thread owns the device and runs every generation in turn
-(requests wait in a queue); with --max_batch N > 1 requests waiting together
-are generated as one batch, padded to N. The generator is compiled at start
-for the batch sizes used (the model's image size is fixed: maps are resized
-to it).
+Security and limits. Only requests whose Host header names a loopback
+address, the --host address or one of --allowed_hosts are answered (421
+otherwise: a page on another site cannot reach the server through DNS
+rebinding), and a POST that carries an Origin header must come from the
+page's own origin (403 otherwise: other sites' pages cannot post to it).
+Each limit is a flag:
+  --max_upload_mb        request body (413; from Content-Length, before the
+                         body is read, when it is over 4 times the limit)
+  --max_header_kb        request line and headers (431, connection closed)
+  --max_field_kb         each multipart part's headers and each text field
+                         (413); --max_parts: number of parts (413)
+  --max_pixels           pixels of an upload, read from its header before it
+                         is decoded (400); label and instance maps must be
+                         PNGs, style images PNG or JPEG (others are not even
+                         opened)
+  --max_decodes          uploads decoded at once (503 when none frees in time)
+  --max_connections      open connections (as many more get a 503, and the
+                         rest wait in the --backlog queue)
+  --request_timeout_s    the whole request: an upload still arriving after it
+                         is dropped; an answer not ready by then is a 503
+  --idle_timeout_s       a keep-alive connection left silent is closed
+Request lines are logged with control characters escaped.
+
+The HTTP stack is waitress (the WSGI server) with werkzeug (requests,
+routing, multipart parsing). Waitress is a mature pure-Python server with
+no dependencies, made for exactly this shape: a fixed pool of threads fed
+by one asynchronous loop that reads each request in full (so a slow client
+holds a socket, not a thread) with limits on connections, header and body
+sizes, strict Content-Length and chunked parsing, keep-alive and pipelining.
+The app is synchronous (one device worker; decodes in a bounded pool), so
+an ASGI stack would add an event loop without a use. Werkzeug's form parser
+streams parts with limits on part count and size. This module is only the
+HTTP layer; `serve_app` holds the model, the request checks and the worker.
 """
-import concurrent.futures
 import dataclasses
-import email.message
-import http.server
-import importlib.resources
-import io
 import ipaddress
 import json
-import os
-import queue
+import logging as std_logging
 import signal
-import socket
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 import urllib.parse
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import numpy as np
-from PIL import Image
+import waitress.channel
+import waitress.server
+import waitress.parser
+import waitress.task
+import waitress.utilities
+import werkzeug.exceptions
+import werkzeug.routing
+from werkzeug.wrappers import Request
+from werkzeug.wrappers import Response
 
-from spade_jax import export
-from spade_jax import model_io
-from spade_jax import models
-from spade_jax import synthesizer
-from spade_jax import visualize
-from spade_jax.synthesizer import Synthesizer
-
-PAGE_FILE = 'serve_page.html'
-DONTCARE_VALUE = synthesizer.DONTCARE_VALUE
-DEFAULT_MAX_BODY_BYTES = 10 * 2**20
-# Decoded images larger than this many pixels are refused (decompression
-# bombs: a small PNG can hold a huge image).
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_SEED = 2**32 - 1
-FIELDS = ('label', 'instance', 'style', 'seed', 'ids')
-# Single-channel PIL modes whose pixel values are the ids.
-_MAP_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L')
-# How long a request waits for the worker before giving up (503).
-RESULT_TIMEOUT_S = 600
+from spade_jax import serve_app
+from spade_jax.serve_app import RequestError
 
 
-class RequestError(Exception):
-  """A request the server refuses: HTTP status and a message for the client."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one request and the server as a whole may take (see the flags)."""
+  max_body_bytes: int = 10 * 2**20
+  max_header_bytes: int = 64 * 2**10
+  # Werkzeug's parser reads the body in 64 KiB blocks and counts a block
+  # against this limit, so it must be well above that.
+  max_field_bytes: int = 256 * 2**10
+  max_parts: int = 16
+  max_connections: int = 100
+  backlog: int = 1024
+  request_timeout_s: float = 120.0
+  idle_timeout_s: float = 60.0
+  threads: int = 4
 
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
-    self.message = message
-
-
-# ---------------------------------------------------------------------------
-# The model and its classes.
-# ---------------------------------------------------------------------------
-@dataclasses.dataclass
-class Model:
-  """A loaded generator and what the page needs to know about it."""
-  synth: Synthesizer
-  names: List[str]    # One per class id 0..num_classes(config)-1.
-  colors: List[List[int]]
-  source: str
-  step: Optional[int] = None
-
-  @property
-  def config(self):
-    return self.synth.config
-
-  def info(self) -> Dict:
-    """The /api/classes answer."""
-    config = self.config
-    label_nc = int(config.label_nc)
-    dontcare = None
-    if config.contain_dontcare_label:
-      dontcare = {'id': label_nc, 'value': DONTCARE_VALUE,
-                  'name': self.names[label_nc],
-                  'color': self.colors[label_nc]}
-    h, w = self.synth.image_size
-    return {
-        'model': os.path.basename(os.path.normpath(self.source)),
-        'step': self.step,
-        'num_classes': label_nc,
-        'names': self.names[:label_nc],
-        'colors': self.colors[:label_nc],
-        'image_size': [h, w],
-        'use_vae': bool(config.use_vae),
-        'has_encoder': self.synth.has_encoder,
-        'no_instance': bool(config.no_instance),
-        'dontcare': dontcare,
-        'eraser_id': DONTCARE_VALUE if dontcare else 0,
-        'has_samples': config.get('dataset') == 'synthetic',
-        'dataset': config.get('dataset', 'custom'),
-        'netG': config.netG,
-        'max_seed': MAX_SEED,
-    }
+  def __post_init__(self):
+    if self.max_field_bytes < 128 * 2**10:
+      raise ValueError(f'max_field_bytes={self.max_field_bytes}: must be at '
+                       'least 128 KiB (the multipart parser reads 64 KiB '
+                       'blocks).')
+    for name in ('max_body_bytes', 'max_header_bytes', 'max_parts',
+                 'max_connections', 'backlog', 'request_timeout_s',
+                 'idle_timeout_s', 'threads'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name}={getattr(self, name)}: must be positive.')
 
 
-def class_table(config, classes: Optional[Dict]
-                ) -> Tuple[List[str], List[List[int]]]:
-  """Names and colours for every class id, filling in what `classes` lacks.
-
-  Missing names are 'class N' (the don't-care class: "don't care"); missing
-  colours come from `visualize.default_palette`.
-  """
-  total = models.num_classes(config)
-  classes = classes or {}
-  names = list(classes.get('names') or [])
-  colors = list(classes.get('colors') or [])
-  palette = visualize.default_palette(max(total, 256))
-  out_names, out_colors = [], []
-  for i in range(total):
-    if i < len(names) and names[i]:
-      out_names.append(str(names[i]))
-    elif i == config.label_nc:
-      out_names.append("don't care")
-    else:
-      out_names.append(f'class {i}')
-    color = colors[i] if i < len(colors) else palette[i]
-    out_colors.append([int(v) for v in color])
-  return out_names, out_colors
+LOOPBACK_NAMES = ('localhost', '127.0.0.1', '::1')
+ROUTES = werkzeug.routing.Map([
+    werkzeug.routing.Rule('/', endpoint='page', methods=['GET']),
+    werkzeug.routing.Rule('/index.html', endpoint='page', methods=['GET']),
+    werkzeug.routing.Rule('/api/classes', endpoint='classes',
+                          methods=['GET']),
+    werkzeug.routing.Rule('/api/sample', endpoint='sample', methods=['GET']),
+    werkzeug.routing.Rule('/api/synthesize', endpoint='synthesize',
+                          methods=['POST']),
+    werkzeug.routing.Rule('/api/labelmap', endpoint='labelmap',
+                          methods=['POST']),
+], strict_slashes=False)
+# Bodies up to this many times --max_upload_mb are read before the 413, so
+# that a client that sends its whole body first gets the answer.
+DRAIN_FACTOR = 4
+# The WSGI environ key of the time (time.monotonic()) a request's first byte
+# arrived; the request deadline counts from it.
+STARTED_KEY = 'spade_jax.started'
 
 
-def load_model(path: str, step: Optional[int] = None,
-               use_ema: bool = True, classes: Optional[str] = None) -> Model:
-  """A model folder or a training workdir (latest checkpoint, or `step`).
-
-  `classes` (a built data set folder or a classes.json file) overrides the
-  class names and colours the model's folder or training data give; its
-  number of classes must be the model's label_nc (ValueError otherwise).
-  """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: pass a model folder (from spade_jax.export '
-        'or spade_jax.convert) or a training workdir (from spade_jax.main).')
-  config = metadata = None
-  if classes:  # Checked before the (slower) restore of the variables.
-    config = (model_io.load_config(path) if export.is_model_folder(path)
-              else export.workdir_config(path))
-    metadata = export.read_class_source(classes, config.label_nc)
-  config, variables, step = export.load_inference_variables(path, step,
-                                                            use_ema, config)
-  synth = Synthesizer(config, variables)
-  if metadata is None:
-    metadata = export.class_metadata(config, path)
-  names, colors = class_table(config, metadata)
-  return Model(synth=synth, names=names, colors=colors, source=path,
-               step=step)
+def printable(text: str) -> str:
+  """`text` with control characters (C0, DEL, C1) as \\xNN escapes."""
+  return ''.join(
+      f'\\x{ord(c):02x}' if ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or
+      c == '\\' else c for c in text)
 
 
-# ---------------------------------------------------------------------------
-# Decoding and checking requests.
-# ---------------------------------------------------------------------------
-def parse_multipart(body: bytes, content_type: str
-                    ) -> Dict[str, Tuple[bytes, Optional[str]]]:
-  """multipart/form-data -> {field name: (content, file name or None)}."""
-  header = email.message.Message()
-  header['content-type'] = content_type
-  boundary = header.get_param('boundary')
-  if not boundary or not isinstance(boundary, str):
-    raise RequestError(400, 'multipart/form-data without a boundary '
-                       'parameter in Content-Type.')
-  delimiter = b'\r\n--' + boundary.encode('latin-1')
-  chunks = (b'\r\n' + body).split(delimiter)
-  if len(chunks) < 2:
-    raise RequestError(400, 'malformed multipart body: the boundary from '
-                       'Content-Type does not occur in it.')
-  fields = {}
-  for chunk in chunks[1:]:
-    if chunk.startswith(b'--'):  # The closing delimiter.
-      break
-    head, sep, content = chunk.partition(b'\r\n\r\n')
-    if not sep:
-      raise RequestError(400, 'malformed multipart body: a part has no '
-                         'blank line after its headers.')
-    part = email.message.Message()
-    for line in head.split(b'\r\n')[1:]:  # [0]: the rest of the delimiter.
-      name, colon, value = line.decode('latin-1').partition(':')
-      if colon:
-        part[name.strip()] = value.strip()
-    name = part.get_param('name', header='content-disposition')
-    if not name or not isinstance(name, str):
-      raise RequestError(400, 'malformed multipart body: a part has no '
-                         'Content-Disposition name.')
-    if name in fields:
-      raise RequestError(400, f'the field {name!r} is given twice.')
-    filename = part.get_param('filename', header='content-disposition')
-    fields[name] = (content, filename if isinstance(filename, str) else None)
-  else:
-    raise RequestError(400, 'malformed multipart body: no closing boundary '
-                       '(truncated upload?).')
-  return fields
-
-
-def _open_image(data: bytes, what: str) -> Image.Image:
-  if not data:
-    raise RequestError(400, f'the {what} is empty.')
+def split_host(value: str) -> Optional[Tuple[str, Optional[int]]]:
+  """'name:port' (Host header) -> (lowercase name, port), None if malformed."""
   try:
-    im = Image.open(io.BytesIO(data))
-  except Exception as e:  # pylint: disable=broad-except
-    raise RequestError(400, f'cannot decode the {what}: {e}') from None
-  w, h = im.size
-  if w * h > MAX_IMAGE_PIXELS:
-    raise RequestError(400, f'the {what} is {w}x{h} pixels; the limit is '
-                       f'{MAX_IMAGE_PIXELS} pixels.')
-  try:
-    im.load()
-  except Exception as e:  # pylint: disable=broad-except
-    raise RequestError(400, f'cannot decode the {what}: {e}') from None
-  return im
-
-
-def decode_map(data: bytes, what: str) -> np.ndarray:
-  """A PNG of ids -> int64 (H, W) of its pixel values (see the docstring)."""
-  im = _open_image(data, what)
-  if im.format != 'PNG':
-    raise RequestError(400, f'the {what} is a {im.format} image: send a PNG '
-                       '(lossless; the pixel values are the ids).')
-  mode = im.mode
-  arr = np.asarray(im)
-  if mode in _MAP_MODES:
-    pass
-  elif mode in ('RGB', 'RGBA', 'LA'):
-    if mode in ('RGBA', 'LA') and (arr[..., -1] != 255).any():
-      raise RequestError(400, f'the {what} has transparent pixels: ids need '
-                         'opaque pixels (or a gray PNG without alpha).')
-    if mode != 'LA':
-      differ = int(((arr[..., 0] != arr[..., 1]) |
-                    (arr[..., 0] != arr[..., 2])).sum())
-      if differ:
-        raise RequestError(
-            400, f'the {what} is a colour image ({differ} pixels have R, G, '
-            'B not all equal): send the ids as a gray PNG, or RGB with equal '
-            'channels, not a colourised map.')
-    arr = arr[..., 0]
-  else:
-    raise RequestError(400, f'the {what} has PIL mode {mode}: expected a gray '
-                       '8- or 16-bit PNG of ids.')
-  if arr.ndim != 2 or arr.size == 0:
-    raise RequestError(400, f'the {what} has shape {arr.shape}: expected '
-                       '(H, W).')
-  return arr.astype(np.int64)
-
-
-def resize_nearest(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """PIL NEAREST resize of a map, as the data pipeline resizes label maps."""
-  h, w = size
-  if x.shape[:2] == (h, w):
-    return x
-  rows = export.pil_nearest_indices(x.shape[0], h)
-  cols = export.pil_nearest_indices(x.shape[1], w)
-  return x[rows][:, cols]
-
-
-def map_dataset_ids(raw: np.ndarray, config) -> np.ndarray:
-  """Raw data-set ids -> class ids (input_pipeline.map_labels, in numpy)."""
-  label = raw
-  if config.get('dataset') == 'ade20k':
-    label = np.where(raw == 0, config.label_nc, raw - 1)
-  if config.contain_dontcare_label:
-    label = np.where(raw == DONTCARE_VALUE, config.label_nc, label)
-  return label
-
-
-def check_class_ids(label: np.ndarray, config, what: str) -> np.ndarray:
-  """Class ids -> int32 ids 0..num_classes-1; 400 naming any bad ids."""
-  try:
-    return synthesizer.class_ids(label, config, what)
-  except ValueError as e:
-    raise RequestError(400, str(e)) from None
-
-
-@dataclasses.dataclass
-class LabelInput:
-  label: np.ndarray            # int32 (H, W) class ids at the model's size.
-  original_size: Tuple[int, int]
-
-
-def read_label(fields: Dict, model: Model) -> LabelInput:
-  """The checked label map of a request, at the model's size."""
-  if 'label' not in fields:
-    raise RequestError(400, 'missing the \'label\' field: a PNG of class '
-                       'ids (multipart/form-data field "label").')
-  ids = fields.get('ids', (b'class', None))[0].decode('latin-1').strip()
-  if ids not in ('class', 'dataset'):
-    raise RequestError(400, f'ids={ids!r}: expected \'class\' (the model\'s '
-                       'class ids) or \'dataset\' (raw data-set ids).')
-  raw = decode_map(fields['label'][0], 'label map')
-  if ids == 'dataset':
-    raw = map_dataset_ids(raw, model.config)
-  label = check_class_ids(raw, model.config, 'label map')
-  return LabelInput(resize_nearest(label, model.synth.image_size),
-                    tuple(raw.shape))
-
-
-def read_style(data: bytes, model: Model) -> np.ndarray:
-  """A style image -> float32 (H, W, 3) in [-1, 1] at the model's size."""
-  im = _open_image(data, 'style image').convert('RGB')
-  h, w = model.synth.image_size
-  if im.size != (w, h):
-    im = im.resize((w, h), Image.BICUBIC)
-  return (np.asarray(im, np.float32) / 127.5 - 1.0).astype(np.float32)
-
-
-@dataclasses.dataclass
-class Job:
-  """One image to generate, checked and at the model's size."""
-  label: np.ndarray
-  instance: Optional[np.ndarray] = None
-  seed: Optional[int] = None
-  style: Optional[np.ndarray] = None
-  future: concurrent.futures.Future = dataclasses.field(
-      default_factory=concurrent.futures.Future)
-
-
-def make_job(fields: Dict, model: Model) -> Job:
-  """A synthesis request's fields -> a Job (RequestError when unusable)."""
-  unknown = sorted(set(fields) - set(FIELDS))
-  if unknown:
-    raise RequestError(400, f'unknown fields {unknown}: expected '
-                       f'{", ".join(FIELDS)}.')
-  config = model.config
-  use_vae = bool(config.use_vae)
-  for name in ('style', 'seed'):
-    if name in fields and not use_vae:
-      raise RequestError(400, f'the \'{name}\' field needs a VAE model; this '
-                         'one has use_vae=False: each label map gives one '
-                         'image.')
-  label_in = read_label(fields, model)
-  job = Job(label=label_in.label)
-  if 'instance' in fields:
-    if config.no_instance:
-      raise RequestError(400, 'this model uses no instance maps '
-                         '(no_instance=True): leave out \'instance\'.')
-    instance = decode_map(fields['instance'][0], 'instance map')
-    if instance.shape != label_in.original_size:
-      raise RequestError(
-          400, f'the instance map is {instance.shape[1]}x{instance.shape[0]}'
-          f' but the label map is {label_in.original_size[1]}x'
-          f'{label_in.original_size[0]}.')
-    if instance.min() < 0 or instance.max() > np.iinfo(np.int32).max:
-      raise RequestError(400, 'the instance map holds ids outside int32.')
-    job.instance = resize_nearest(instance, model.synth.image_size).astype(
-        np.int32)
-  elif not config.no_instance:
-    job.instance = job.label  # As spade_jax.synthesize does.
-  if use_vae:
-    job.seed = 0
-    if 'seed' in fields:
-      text = fields['seed'][0].decode('latin-1').strip()
-      try:
-        job.seed = int(text)
-      except ValueError:
-        raise RequestError(400, f'seed={text[:40]!r} is not an integer.'
-                           ) from None
-      if not 0 <= job.seed <= MAX_SEED:
-        raise RequestError(400, f'seed={job.seed} is outside 0..{MAX_SEED}.')
-    if 'style' in fields:
-      if not model.synth.has_encoder:
-        raise RequestError(400, 'this VAE model folder holds no encoder: '
-                           'style images cannot be used (seeds can).')
-      job.style = read_style(fields['style'][0], model)
-  return job
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format='PNG')
-  return buf.getvalue()
-
-
-def sample_label(model: Model, seed: int) -> np.ndarray:
-  """A generated synthetic scene's label map at the model's size."""
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  size = int(model.config.get('synthetic_size', 96))
-  _, label, _ = synthetic.generate_scene(
-      synthetic.scene_rng(seed, 'serve', 0), size)
-  return resize_nearest(label.astype(np.int32), model.synth.image_size)
-
-
-# ---------------------------------------------------------------------------
-# The worker: one thread owns the device.
-# ---------------------------------------------------------------------------
-class Worker:
-  """Runs every generation on one thread, in arrival order.
-
-  Jobs waiting together are generated as one batch (at most `max_batch`,
-  padded to `max_batch` so only batch sizes 1 and max_batch are compiled).
-
-  Attributes:
-    jobs_done, batches: counters.
-    thread_ids: the thread idents that ran generations (only the worker's).
-  """
-
-  def __init__(self, synth: Synthesizer, max_batch: int = 1,
-               max_queue: int = 64):
-    if max_batch < 1:
-      raise ValueError(f'max_batch={max_batch}: must be at least 1.')
-    self.synth = synth
-    self.max_batch = max_batch
-    self._queue = queue.Queue(max_queue)
-    self._thread = threading.Thread(target=self._run, name='spade-worker',
-                                    daemon=True)
-    self._lock = threading.Lock()
-    self.jobs_done = 0
-    self.batches = 0
-    self.batch_sizes = []
-    self.thread_ids = set()
-
-  @property
-  def ident(self) -> Optional[int]:
-    return self._thread.ident
-
-  def start(self) -> None:
-    self._thread.start()
-
-  def submit(self, job: Job) -> concurrent.futures.Future:
-    """Queues a job; its future gets the float (H, W, 3) image in [-1, 1]."""
-    try:
-      self._queue.put_nowait(job)
-    except queue.Full:
-      raise RequestError(503, 'the server is busy (the queue is full); try '
-                         'again shortly.') from None
-    return job.future
-
-  def stop(self, timeout: float = 30) -> None:
-    if self._thread.is_alive():
-      try:
-        self._queue.put(None, timeout=timeout)
-      except queue.Full:
-        logging.warning('The worker queue stayed full; not waiting for it.')
-        return
-      self._thread.join(timeout)
-
-  def warm_up(self) -> float:
-    """Compiles the generator (and encoder) for the batch sizes used."""
-    start = time.time()
-    h, w = self.synth.image_size
-    blank = np.zeros((h, w), np.int32)
-    instance = None if self.synth.config.no_instance else blank
-    seed = 0 if self.synth.config.use_vae else None
-    batches = [[Job(blank, instance, seed) for _ in range(n)]
-               for n in sorted({1, self.max_batch})]
-    if self.synth.has_encoder:  # The style path.
-      batches.append([Job(blank, instance, seed,
-                          style=np.zeros((h, w, 3), np.float32))])
-    for jobs in batches:
-      for job in jobs:
-        self._queue.put(job)
-      for job in jobs:
-        job.future.result()
-    return time.time() - start
-
-  def _run(self) -> None:
-    while True:
-      job = self._queue.get()
-      if job is None:
-        return
-      batch = [job]
-      stop = False
-      while len(batch) < self.max_batch:
-        try:
-          more = self._queue.get_nowait()
-        except queue.Empty:
-          break
-        if more is None:
-          stop = True
-          break
-        batch.append(more)
-      self._process(batch)
-      if stop:
-        return
-
-  def _latent(self, job: Job) -> np.ndarray:
-    rng = jax.random.PRNGKey(job.seed or 0)
-    if job.style is not None:
-      return self.synth.encode(job.style[None], rng)[0]
-    return np.asarray(jax.random.normal(rng, (self.synth.config.z_dim,)),
-                      np.float32)
-
-  def _process(self, batch: List[Job]) -> None:
-    self.thread_ids.add(threading.get_ident())
-    ready = []
-    for job in batch:
-      if not job.future.set_running_or_notify_cancel():
-        continue
-      try:
-        z = self._latent(job) if self.synth.config.use_vae else None
-      except Exception as e:  # pylint: disable=broad-except
-        job.future.set_exception(e)
-        continue
-      ready.append((job, z))
-    if not ready:
-      return
-    n = 1 if len(ready) == 1 else self.max_batch
-    rows = ready + [ready[0]] * (n - len(ready))
-    labels = np.stack([job.label for job, _ in rows])
-    instances = None
-    if not self.synth.config.no_instance:
-      instances = np.stack([job.instance for job, _ in rows])
-    z = None
-    if self.synth.config.use_vae:
-      z = np.stack([zz for _, zz in rows])
-    try:
-      images = self.synth(labels, instances, z=z)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.exception('Generation failed')
-      for job, _ in ready:
-        job.future.set_exception(e)
-      return
-    with self._lock:
-      self.jobs_done += len(ready)
-      self.batches += 1
-      self.batch_sizes.append(len(ready))
-    for i, (job, _) in enumerate(ready):
-      job.future.set_result(images[i])
-
-
-# ---------------------------------------------------------------------------
-# HTTP.
-# ---------------------------------------------------------------------------
-def read_page() -> bytes:
-  """The page, shipped as package data."""
-  try:
-    return (importlib.resources.files('spade_jax') / PAGE_FILE).read_bytes()
-  except (OSError, ModuleNotFoundError) as e:
-    raise FileNotFoundError(
-        f'the web page spade_jax/{PAGE_FILE} is missing from the installed '
-        f'package ({e}); reinstall spade_jax (pip install -e .).') from None
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-  """Routes requests; `self.server.app` is the App."""
-
-  server_version = 'spade_jax'
-  protocol_version = 'HTTP/1.1'
-  timeout = 60  # Seconds a connection may stay silent.
-
-  # path -> (method, name of the method that answers it).
-  ROUTES = {
-      '/': ('GET', '_index_html'),
-      '/index.html': ('GET', '_index_html'),
-      '/api/classes': ('GET', '_api_classes'),
-      '/api/sample': ('GET', '_api_sample'),
-      '/api/synthesize': ('POST', '_api_synthesize'),
-      '/api/labelmap': ('POST', '_api_labelmap'),
-  }
-
-  # ----- plumbing
-  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-    logging.info('%s %s', self.address_string(), format % args)
-
-  def log_request(self, code='-', size='-'):
-    took = time.time() - getattr(self, '_t0', time.time())
-    size = getattr(self, '_size', size)
-    self.log_message('"%s" %s %s bytes %.0f ms', self.requestline, code,
-                     size, took * 1000)
-
-  def _send(self, status: int, body: bytes, content_type: str,
-            headers: Optional[Dict[str, str]] = None) -> None:
-    self._size = len(body)
-    self.send_response(status)
-    self.send_header('Content-Type', content_type)
-    self.send_header('Content-Length', str(len(body)))
-    self.send_header('Cache-Control', 'no-store')
-    for k, v in (headers or {}).items():
-      self.send_header(k, v)
-    if self.close_connection:
-      self.send_header('Connection', 'close')
-    self.end_headers()
-    if self.command != 'HEAD':
-      self.wfile.write(body)
-
-  def _json(self, status: int, obj, headers=None) -> None:
-    self._send(status, json.dumps(obj).encode(), 'application/json', headers)
-
-  def send_error(self, code, message=None, explain=None):
-    """Every error, the server's own parse errors included, as JSON."""
-    text = message or explain or self.responses.get(code, ('error',))[0]
-    try:
-      self._json(code, {'error': text})
-    except OSError:
-      pass
-
-  def _error(self, e: RequestError, headers=None) -> None:
-    if e.status >= 500:
-      logging.error('%s: %s', self.requestline, e.message)
-    self._json(e.status, {'error': e.message}, headers)
-
-  def handle_expect_100(self):
-    """Refuses too-large bodies before the client sends them."""
-    try:
-      if self.command == 'POST':
-        self._check_length()
-    except RequestError as e:
-      self.close_connection = True
-      self._t0 = time.time()
-      self._error(e)
-      return False
-    return super().handle_expect_100()
-
-  def _check_length(self) -> int:
-    if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
-      raise RequestError(411, 'chunked request bodies are not accepted: send '
-                         'a Content-Length.')
-    text = self.headers.get('Content-Length')
-    if text is None:
-      raise RequestError(411, 'a POST needs a Content-Length header.')
-    try:
-      length = int(text)
-    except ValueError:
-      raise RequestError(400, f'Content-Length {text[:40]!r} is not an '
-                         'integer.') from None
-    if length < 0:
-      raise RequestError(400, f'Content-Length {length} is negative.')
-    limit = self.server.app.max_body_bytes
-    if length > limit:
-      raise RequestError(413, f'the request body is {length} bytes; the '
-                         f'limit is {limit} bytes ({limit / 2**20:g} MiB): '
-                         'send a smaller label map or style image.')
-    return length
-
-  def _read_body(self) -> bytes:
-    try:
-      length = self._check_length()
-    except RequestError as e:
-      self.close_connection = True
-      if e.status == 413:
-        self._drain()
-      raise
-    data = self.rfile.read(length)
-    if len(data) < length:
-      self.close_connection = True
-      raise RequestError(400, f'the body ended after {len(data)} of '
-                         f'{length} bytes.')
-    return data
-
-  def _drain(self) -> None:
-    """Reads (and drops) a refused body of moderate size, so the client,
-    still sending, gets the 413 instead of a reset connection."""
-    try:
-      left = int(self.headers.get('Content-Length', '0'))
-    except ValueError:
-      return
-    if left > 4 * self.server.app.max_body_bytes:
-      return
-    self.connection.settimeout(5)
-    try:
-      while left > 0:
-        chunk = self.rfile.read(min(left, 2**20))
-        if not chunk:
-          break
-        left -= len(chunk)
-    except OSError:
-      pass
-
-  def _fields(self, body: bytes) -> Dict[str, Tuple[bytes, Optional[str]]]:
-    content_type = self.headers.get('Content-Type', '')
-    kind = content_type.split(';')[0].strip().lower()
-    if kind == 'multipart/form-data':
-      return parse_multipart(body, content_type)
-    if kind == 'image/png':
-      return {'label': (body, None)}
-    raise RequestError(415, f'Content-Type {kind or "(none)"!r}: send '
-                       'multipart/form-data (fields label, instance, style, '
-                       'seed, ids) or a bare image/png label map.')
-
-  # ----- methods
-  def _dispatch(self) -> None:
-    self._t0 = time.time()
-    url = urllib.parse.urlsplit(self.path)
-    path = url.path
-    try:
-      route = self.ROUTES.get(path)
-      if route is None:
-        if self.headers.get('Content-Length', '0') != '0':
-          self.close_connection = True  # Its body stays unread.
-        raise RequestError(404, f'no such path {path!r}; the API is GET '
-                           '/api/classes, GET /api/sample, POST '
-                           '/api/synthesize, POST /api/labelmap.')
-      allowed, answer = route
-      if allowed == 'GET':
-        allowed = 'GET, HEAD'
-      if self.command not in allowed.split(', '):
-        if self.headers.get('Content-Length', '0') != '0':
-          self.close_connection = True  # Its body stays unread.
-        self._error(RequestError(405, f'{self.command} is not allowed on '
-                                 f'{path}; use {allowed}.'),
-                    {'Allow': allowed})
-        return
-      getattr(self, answer)(url)
-    except RequestError as e:
-      self._error(e)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.exception('Request %s failed', self.requestline)
-      self.close_connection = True
-      self._json(500, {'error': f'internal error: {type(e).__name__}: {e}'})
-
-  # BaseHTTPRequestHandler calls do_<METHOD>; every method goes through the
-  # routes, which answer 405 for the ones a path does not take.
-  do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = (
-      _dispatch)
-
-  # ----- routes
-
-  def _index_html(self, url) -> None:
-    del url
-    self._send(200, self.server.app.page, 'text/html; charset=utf-8')
-
-  def _api_classes(self, url) -> None:
-    del url
-    self._json(200, self.server.app.model.info())
-
-  def _api_sample(self, url) -> None:
-    model = self.server.app.model
-    if model.config.get('dataset') != 'synthetic':
-      raise RequestError(404, 'this model has no sample label maps (only '
-                         'models of the synthetic data set do).')
-    query = urllib.parse.parse_qs(url.query)
-    text = query.get('seed', ['0'])[0]
-    try:
-      seed = int(text)
-    except ValueError:
-      raise RequestError(400, f'seed={text[:40]!r} is not an integer.'
-                         ) from None
-    if not 0 <= seed <= MAX_SEED:
-      raise RequestError(400, f'seed={seed} is outside 0..{MAX_SEED}.')
-    label = sample_label(model, seed)
-    self._json(200, {'height': label.shape[0], 'width': label.shape[1],
-                     'ids': label.ravel().tolist(),
-                     'original_size': list(label.shape)})
-
-  def _api_labelmap(self, url) -> None:
-    del url
-    fields = self._fields(self._read_body())
-    unknown = sorted(set(fields) - {'label', 'ids'})
-    if unknown:
-      raise RequestError(400, f'unknown fields {unknown}: expected label, '
-                         'ids.')
-    got = read_label(fields, self.server.app.model)
-    label = got.label
-    if self.server.app.model.config.contain_dontcare_label:
-      label = np.where(label == self.server.app.model.config.label_nc,
-                       DONTCARE_VALUE, label)
-    self._json(200, {'height': label.shape[0], 'width': label.shape[1],
-                     'ids': label.ravel().tolist(),
-                     'original_size': list(got.original_size)})
-
-  def _api_synthesize(self, url) -> None:
-    del url
-    app_ = self.server.app
-    job = make_job(self._fields(self._read_body()), app_.model)
-    future = app_.worker.submit(job)
-    try:
-      image = future.result(timeout=RESULT_TIMEOUT_S)
-    except concurrent.futures.TimeoutError:
-      future.cancel()
-      raise RequestError(503, f'no result within {RESULT_TIMEOUT_S} s; the '
-                         'server is overloaded.') from None
-    except ValueError as e:  # The Synthesizer's own input checks.
-      raise RequestError(400, str(e)) from None
-    headers = {}
-    if job.seed is not None:
-      headers['X-Seed'] = str(job.seed)
-    self._send(200, png_bytes(visualize.image_to_uint8(image)), 'image/png',
-               headers)
-
-
-class App:
-  """What the handlers share: the model, the worker, the page, limits."""
-
-  def __init__(self, model: Model, max_batch: int = 1,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    self.model = model
-    self.worker = Worker(model.synth, max_batch=max_batch)
-    self.max_body_bytes = max_body_bytes
-    self.page = read_page()
-    if model.config.get('dataset') == 'synthetic':
-      # Imported now (with TensorFlow, slow) rather than on the page's first
-      # sample request.
-      from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top,unused-import
-
-
-class Server(http.server.ThreadingHTTPServer):
-  """ThreadingHTTPServer holding the App (IPv6 when the host is)."""
-
-  daemon_threads = True
-
-  def __init__(self, app_: App, host: str = '127.0.0.1', port: int = 8000):
-    self.app = app_
-    if ':' in host:
-      self.address_family = socket.AF_INET6
-    super().__init__((host, port), Handler)
-
-  @property
-  def url(self) -> str:
-    host, port = self.server_address[:2]
-    if host in ('0.0.0.0', '::'):
-      host = '127.0.0.1' if host == '0.0.0.0' else '::1'
-    if ':' in host:
-      host = f'[{host}]'
-    return f'http://{host}:{port}/'
-
-  def start(self, warm_up: bool = True) -> Optional[float]:
-    """Starts the worker (compiling first when `warm_up`)."""
-    self.app.worker.start()
-    return self.app.worker.warm_up() if warm_up else None
-
-  def close(self) -> None:
-    """Stops serving (when serve_forever runs) and the worker."""
-    self.server_close()
-    self.app.worker.stop()
+    parts = urllib.parse.urlsplit('//' + value)
+    return parts.hostname or None, parts.port
+  except ValueError:
+    return None
+
+
+def allowed_host_names(host: str, extra: Iterable[str] = ()) -> frozenset:
+  """The names a Host header may give: loopback, `host` itself, `extra`."""
+  names = set(LOOPBACK_NAMES) | {h.strip().lower() for h in extra if h.strip()}
+  if host not in ('0.0.0.0', '::', ''):
+    names.add(host.strip('[]').lower())
+  return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:
@@ -904,9 +218,345 @@ def is_loopback(host: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# The WSGI application.
+# ---------------------------------------------------------------------------
+class WebApp:
+  """The WSGI callable: checks Host and Origin, routes, answers in JSON."""
+
+  def __init__(self, app_: serve_app.App, limits: Limits = Limits(),
+               allowed_hosts: frozenset = frozenset(LOOPBACK_NAMES)):
+    self.app = app_
+    self.limits = limits
+    self.allowed_hosts = allowed_hosts
+
+  def __call__(self, environ, start_response):
+    started = environ.get(STARTED_KEY, time.monotonic())
+    request = Request(environ)
+    request.max_content_length = self.limits.max_body_bytes
+    request.max_form_memory_size = self.limits.max_field_bytes
+    request.max_form_parts = self.limits.max_parts
+    try:
+      response = self.answer(request, started + self.limits.request_timeout_s)
+    except RequestError as e:
+      response = self.error(e)
+    except werkzeug.exceptions.HTTPException as e:
+      response = self.error(RequestError(e.code, self.describe(e)))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception('Request %s failed', printable(_request_line(environ)))
+      response = self.error(RequestError(
+          500, f'internal error: {type(e).__name__}: {e}'))
+    finally:
+      request.close()  # Uploads werkzeug spooled to temporary files.
+    response.headers['Cache-Control'] = 'no-store'
+    self.log(environ, response, started)
+    return response(environ, start_response)
+
+  def describe(self, e: werkzeug.exceptions.HTTPException) -> str:
+    if isinstance(e, werkzeug.exceptions.RequestEntityTooLarge):
+      return (f'a multipart part\'s headers or a text field is over '
+              f'{self.limits.max_field_bytes} bytes, or the form has more '
+              f'than {self.limits.max_parts} parts.')
+    return f'{e.name}: {e.description}'
+
+  @staticmethod
+  def error(e: RequestError) -> Response:
+    if e.status >= 500:
+      logging.error('%s', e.message)
+    return _json(e.status, {'error': e.message})
+
+  def log(self, environ, response: Response, started: float) -> None:
+    logging.info('%s "%s" %s %s bytes %.0f ms',
+                 environ.get('REMOTE_ADDR', '-'),
+                 printable(_request_line(environ)), response.status_code,
+                 response.content_length,
+                 (time.monotonic() - started) * 1000)
+
+  def check_host(self, request: Request) -> None:
+    value = request.headers.get('Host', '')
+    host = split_host(value)
+    if host is None or host[0] not in self.allowed_hosts:
+      raise RequestError(421, f'the Host {printable(value[:100])!r} is not '
+                         'served here: use a loopback address, the --host '
+                         'address, or start the server with --allowed_hosts '
+                         'naming it.')
+    origin = request.headers.get('Origin')
+    if request.method == 'POST' and origin is not None:
+      parts = urllib.parse.urlsplit(origin)
+      try:
+        port = parts.port or (80 if parts.scheme == 'http' else None)
+      except ValueError:
+        port = None
+      if (parts.scheme, parts.hostname, port) != ('http', host[0],
+                                                   host[1] or 80):
+        raise RequestError(403, f'a POST from the origin '
+                           f'{printable(origin[:100])!r}: only this '
+                           "server's own page may post to it.")
+
+  def answer(self, request: Request, deadline: float) -> Response:
+    self.check_host(request)
+    adapter = ROUTES.bind_to_environ(request.environ)
+    try:
+      endpoint, _ = adapter.match()
+    except werkzeug.exceptions.NotFound:
+      raise RequestError(404, f'no such path {printable(request.path)!r}; '
+                         'the API is GET /api/classes, GET /api/sample, '
+                         'POST /api/synthesize, POST /api/labelmap.'
+                         ) from None
+    except werkzeug.exceptions.MethodNotAllowed as e:
+      allowed = ', '.join(sorted(e.valid_methods or ()))
+      response = self.error(RequestError(
+          405, f'{request.method} is not allowed on '
+          f'{printable(request.path)}; use {allowed}.'))
+      response.headers['Allow'] = allowed
+      return response
+    if endpoint == 'page':
+      return Response(self.app.page, content_type='text/html; charset=utf-8')
+    if endpoint == 'classes':
+      return _json(200, self.app.classes())
+    if endpoint == 'sample':
+      return _json(200, self.app.sample(request.args.get('seed', '0')))
+    fields = self.fields(request)
+    if endpoint == 'labelmap':
+      return _json(200, self.app.labelmap(fields, deadline))
+    image, headers = self.app.synthesize(fields, deadline)
+    return Response(image, content_type='image/png', headers=headers)
+
+  def fields(self, request: Request) -> Dict[str, bytes]:
+    """A POST's form -> {field name: bytes}; 4xx for unusable bodies."""
+    length = request.content_length
+    if length is None:
+      raise RequestError(411, 'a POST needs a Content-Length header.')
+    limit = self.limits.max_body_bytes
+    if length > limit:
+      raise RequestError(413, _too_large(length, limit))
+    kind = request.mimetype
+    if kind == 'image/png':
+      return {'label': request.get_data()}
+    if kind != 'multipart/form-data':
+      raise RequestError(415, f'Content-Type {kind or "(none)"!r}: send '
+                         'multipart/form-data (fields label, instance, style,'
+                         ' seed, ids) or a bare image/png label map.')
+    if not request.mimetype_params.get('boundary'):
+      raise RequestError(400, 'multipart/form-data without a boundary '
+                         'parameter in Content-Type.')
+    form, files = request.form, request.files
+    if not form and not files and length:
+      raise RequestError(400, 'malformed multipart body: no complete part '
+                         'or no closing boundary (truncated upload?).')
+    out = {}
+    for multidict, read in ((form, lambda v: v.encode('utf-8')),
+                            (files, lambda f: f.read())):
+      for name, values in multidict.lists():
+        if not name:
+          raise RequestError(400, 'malformed multipart body: a part has no '
+                             'Content-Disposition name.')
+        if name in out or len(values) > 1:
+          raise RequestError(400, f'the field {name!r} is given twice.')
+        out[name] = read(values[0])
+    return out
+
+
+def _json(status: int, obj) -> Response:
+  return Response(json.dumps(obj), status=status,
+                  content_type='application/json')
+
+
+def _too_large(length, limit: int) -> str:
+  return (f'the request body is {length} bytes; the limit is {limit} bytes '
+          f'({limit / 2**20:g} MiB, --max_upload_mb): send a smaller label '
+          'map or style image.')
+
+
+def _request_line(environ) -> str:
+  return (f'{environ.get("REQUEST_METHOD", "-")} '
+          f'{environ.get("REQUEST_URI", "-")} '
+          f'{environ.get("SERVER_PROTOCOL", "-")}')
+
+
+# ---------------------------------------------------------------------------
+# Waitress, with JSON errors and a deadline on reading a request.
+# ---------------------------------------------------------------------------
+class _Parser(waitress.parser.HTTPRequestParser):
+  """Notes when a request's first byte arrived."""
+
+  def __init__(self, adj):
+    super().__init__(adj)
+    self.started = time.monotonic()
+
+
+class _ServiceUnavailable(waitress.utilities.Error):
+  code = 503
+  reason = 'Service Unavailable'
+
+
+class _OverloadedParser(_Parser):
+  """Refuses its request (503) once the headers are in: it arrived on a
+  connection past --max_connections."""
+
+  def received(self, data):
+    consumed = super().received(data)
+    if self.headers_finished and not self.error and not self.empty:
+      self.error = _ServiceUnavailable('too many connections')
+      self.completed = True
+    return consumed
+
+
+class _Task(waitress.task.WSGITask):
+
+  def get_environment(self):
+    environ = super().get_environment()
+    environ[STARTED_KEY] = self.request.started
+    return environ
+
+
+class _ErrorTask(waitress.task.ErrorTask):
+  """Waitress's own refusals (bad framing, oversize headers or bodies) in
+  the app's JSON form; the connection is closed after them."""
+
+  def execute(self):
+    error = self.request.error
+    message = f'{error.reason}: {str(error.body).rstrip(".")}.'
+    limits = self.channel.server.limits
+    if isinstance(error, waitress.utilities.RequestEntityTooLarge):
+      message = _too_large(self.request.content_length or 'over '
+                           f'{self.channel.adj.max_request_body_size - 1}',
+                           limits.max_body_bytes)
+    elif isinstance(error, _ServiceUnavailable):
+      message = (f'the server has {limits.max_connections} connections open '
+                 '(--max_connections): try again shortly.')
+    elif isinstance(error, waitress.utilities.RequestHeaderFieldsTooLarge):
+      message = (f'the request line and headers are over '
+                 f'{limits.max_header_bytes} bytes (--max_header_kb).')
+    body = json.dumps({'error': message}).encode()
+    self.status = f'{error.code} {error.reason}'
+    self.response_headers.extend([('Content-Type', 'application/json'),
+                                  ('Cache-Control', 'no-store')])
+    self.set_close_on_finish()
+    self.content_length = len(body)
+    self.write(body)
+    logging.info('%s "-" %d %s', self.channel.addr[0], error.code,
+                 printable(message))
+
+
+class _Channel(waitress.channel.HTTPChannel):
+  """A connection; one past --max_connections answers its request with a
+  503 and closes."""
+  parser_class = _Parser
+  task_class = _Task
+  error_task_class = _ErrorTask
+
+  def __init__(self, server, sock, addr, adj, map=None):  # pylint: disable=redefined-builtin
+    # Counted before this one joins them.
+    if len(server.active_channels) >= server.limits.max_connections:
+      self.parser_class = _OverloadedParser
+    super().__init__(server, sock, addr, adj, map)
+
+
+class _WaitressServer(waitress.server.TcpWSGIServer):
+  """One listening socket; closes connections whose request is late."""
+
+  channel_class = _Channel
+
+  def __init__(self, application, limits: Limits, **kwargs):
+    self.limits = limits
+    super().__init__(application, **kwargs)
+
+  def maintenance(self, now):
+    super().maintenance(now)
+    late = time.monotonic() - self.limits.request_timeout_s
+    for channel in list(self.active_channels.values()):
+      request = channel.request  # The request still being read.
+      if request is not None and not request.completed and (
+          request.started < late):
+        logging.info('%s: closing a connection whose request did not arrive '
+                     'within %g s.', channel.addr[0],
+                     self.limits.request_timeout_s)
+        channel.will_close = True
+
+
+class _EscapeControl(std_logging.Filter):
+  """Escapes control characters in waitress's own log records."""
+
+  def filter(self, record):
+    record.msg = printable(record.getMessage())
+    record.args = ()
+    return True
+
+
+_ESCAPE_CONTROL = _EscapeControl()
+
+
+class Server:
+  """The web app on waitress: `serve_forever` in one thread, `shutdown`
+  from another, then `close`."""
+
+  def __init__(self, app_: serve_app.App, host: str = '127.0.0.1',
+               port: int = 8000, limits: Limits = Limits(),
+               allowed_hosts: Iterable[str] = ()):
+    self.app = app_
+    self.limits = limits
+    self.web_app = WebApp(app_, limits, allowed_host_names(host,
+                                                           allowed_hosts))
+    self._stopping = threading.Event()
+    std_logging.getLogger('waitress').addFilter(_ESCAPE_CONTROL)  # Once.
+    self._server = _WaitressServer(
+        self.web_app, limits, host=host, port=port, map={},
+        threads=limits.threads,
+        # Up to max_connections more get a 503 (_Channel); past those, the
+        # rest wait in the backlog. Waitress counts its listening socket and
+        # its wake-up pipe too.
+        connection_limit=2 * limits.max_connections + 2,
+        backlog=limits.backlog,
+        max_request_header_size=limits.max_header_bytes,
+        # Waitress refuses bodies of this size and more from the headers,
+        # before reading them (the client, still sending, may see a reset
+        # connection rather than the 413). Bodies up to it are read (to a
+        # temporary file past 512 KiB) so that WebApp answers a 413 the
+        # client reads.
+        max_request_body_size=DRAIN_FACTOR * limits.max_body_bytes + 1,
+        channel_timeout=limits.idle_timeout_s,
+        cleanup_interval=max(1, min(30, limits.request_timeout_s / 4)),
+        ident='spade_jax', clear_untrusted_proxy_headers=False,
+        expose_tracebacks=False)
+
+  @property
+  def url(self) -> str:
+    host, port = self._server.effective_host, self._server.effective_port
+    if host in ('0.0.0.0', '::'):
+      host = '127.0.0.1' if host == '0.0.0.0' else '::1'
+    if ':' in host:
+      host = f'[{host}]'
+    return f'http://{host}:{port}/'
+
+  def start(self, warm_up: bool = True) -> Optional[float]:
+    """Starts the worker (compiling first when `warm_up`)."""
+    return self.app.start(warm_up)
+
+  def serve_forever(self) -> None:
+    """Serves until `shutdown` (from another thread or a signal handler)."""
+    while not self._stopping.is_set():
+      self._server.asyncore.loop(timeout=0.5, map=self._server._map,  # pylint: disable=protected-access
+                                 use_poll=True, count=1)
+
+  def shutdown(self) -> None:
+    self._stopping.set()
+    self._server.pull_trigger()
+
+  def close(self) -> None:
+    """Closes every connection, the socket, the threads and the worker."""
+    self._stopping.set()
+    for channel in list(self._server.active_channels.values()):
+      channel.close()
+    self._server.close()
+    self._server.task_dispatcher.shutdown(timeout=10)
+    self.app.stop()
+
+
+# ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
 FLAGS = flags.FLAGS
+_DEFAULTS = Limits()
 
 
 def define_flags() -> None:
@@ -920,6 +570,9 @@ def define_flags() -> None:
   flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: '
                       'every interface; the server has no authentication).')
   flags.DEFINE_integer('port', 8000, 'Port to listen on (0: any free one).')
+  flags.DEFINE_list('allowed_hosts', [], 'Host names (or addresses) other '
+                    'than loopback and --host that clients may use to reach '
+                    'the server (the Host header); others get 421.')
   flags.DEFINE_integer('step', None, 'Checkpoint step of a training workdir '
                        '(default: the latest).')
   flags.DEFINE_bool('use_ema', True, 'Use the EMA generator weights of a '
@@ -927,8 +580,43 @@ def define_flags() -> None:
   flags.DEFINE_integer('max_batch', 1, 'Generate up to this many waiting '
                        'requests as one batch (compiles batch sizes 1 and '
                        'this).')
-  flags.DEFINE_float('max_upload_mb', DEFAULT_MAX_BODY_BYTES / 2**20,
+  flags.DEFINE_float('max_upload_mb', _DEFAULTS.max_body_bytes / 2**20,
                      'Largest request body accepted, in MiB (413 above).')
+  flags.DEFINE_integer('max_header_kb', _DEFAULTS.max_header_bytes // 2**10,
+                       'Largest request line plus headers, in KiB (431).')
+  flags.DEFINE_integer('max_field_kb', _DEFAULTS.max_field_bytes // 2**10,
+                       'Largest multipart part header block or text field, '
+                       'in KiB (413); at least 128.')
+  flags.DEFINE_integer('max_parts', _DEFAULTS.max_parts,
+                       'Most parts in a multipart form (413).')
+  flags.DEFINE_integer('max_pixels', serve_app.DEFAULT_MAX_PIXELS,
+                       'Most pixels in an uploaded image, checked from its '
+                       'header before decoding (400).')
+  flags.DEFINE_integer('max_decodes', serve_app.DEFAULT_MAX_DECODES,
+                       'Uploads decoded at the same time (others wait; 503 '
+                       'at the request deadline).')
+  flags.DEFINE_integer('max_connections', _DEFAULTS.max_connections,
+                       'Open connections served at once (as many more get '
+                       'a 503; the rest wait in the listen backlog).')
+  flags.DEFINE_integer('backlog', _DEFAULTS.backlog,
+                       'Listen backlog: connections waiting to be accepted.')
+  flags.DEFINE_float('request_timeout_s', _DEFAULTS.request_timeout_s,
+                     'Deadline of a whole request, from its first byte: '
+                     'reading it and answering it (503 when the answer is '
+                     'late).')
+  flags.DEFINE_float('idle_timeout_s', _DEFAULTS.idle_timeout_s,
+                     'A connection silent this long is closed.')
+
+
+def limits_from_flags() -> Limits:
+  return Limits(max_body_bytes=int(FLAGS.max_upload_mb * 2**20),
+                max_header_bytes=FLAGS.max_header_kb * 2**10,
+                max_field_bytes=FLAGS.max_field_kb * 2**10,
+                max_parts=FLAGS.max_parts,
+                max_connections=FLAGS.max_connections,
+                backlog=FLAGS.backlog,
+                request_timeout_s=FLAGS.request_timeout_s,
+                idle_timeout_s=FLAGS.idle_timeout_s)
 
 
 def main(argv):
@@ -936,18 +624,24 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.max_batch < 1:
     raise app.UsageError('--max_batch must be at least 1.')
-  if FLAGS.max_upload_mb <= 0:
-    raise app.UsageError('--max_upload_mb must be positive.')
+  for name in ('max_pixels', 'max_decodes'):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f'--{name} must be positive.')
   try:
-    model = load_model(FLAGS.model, FLAGS.step, FLAGS.use_ema,
-                       classes=FLAGS.classes)
-    app_ = App(model, max_batch=FLAGS.max_batch,
-               max_body_bytes=int(FLAGS.max_upload_mb * 2**20))
+    limits = limits_from_flags()
+  except ValueError as e:
+    raise app.UsageError(f'a limit flag: {e}') from None
+  try:
+    model = serve_app.load_model(FLAGS.model, FLAGS.step, FLAGS.use_ema,
+                                 classes=FLAGS.classes)
+    app_ = serve_app.App(model, max_batch=FLAGS.max_batch,
+                         max_pixels=FLAGS.max_pixels,
+                         max_decodes=FLAGS.max_decodes)
   except (FileNotFoundError, ValueError) as e:
     print(f'ERROR: {e}', file=sys.stderr)
     return 2
   try:
-    server = Server(app_, FLAGS.host, FLAGS.port)
+    server = Server(app_, FLAGS.host, FLAGS.port, limits, FLAGS.allowed_hosts)
   except OSError as e:
     print(f'ERROR: cannot listen on {FLAGS.host}:{FLAGS.port}: {e}. Pick '
           'another --port (0: any free one).', file=sys.stderr)
@@ -971,8 +665,7 @@ def main(argv):
       raise KeyboardInterrupt
     stopping.append(signum)
     logging.info('%s: stopping.', signal.Signals(signum).name)
-    # shutdown() waits for serve_forever(), which runs in this thread.
-    threading.Thread(target=server.shutdown, daemon=True).start()
+    server.shutdown()
 
   # Both set explicitly: a shell's background job inherits an ignored SIGINT.
   signal.signal(signal.SIGTERM, on_signal)

@@ -8,7 +8,11 @@ r"""Label maps in, images out: `python -m spade_jax.synthesize`.
 --labels, --instances and --images are PNG files or folders; instance maps and
 real images are matched to label maps by file name (without extension).
 Label maps hold the raw ids as the data set stores them (gray 8- or 16-bit
-PNGs; 255 is don't-care, ADE20K ids are shifted as the data pipeline does).
+PNGs, or RGB with equal channels; 255 is don't-care, ADE20K ids are shifted as
+the data pipeline does), or are RGB maps in the model's class colours (from
+--data_dir's dataset_info.json, else the model's classes.json, else the
+synthetic set's or the default palette); a colour that is no class colour is
+an error naming it. The rules are `label_maps.py`'s.
 Maps of any size are brought to the model's size like the data pipeline does
 (PIL nearest for label and instance maps, PIL bicubic for images), by default
 a plain resize (`--preprocess fixed`, what the reference does at test time);
@@ -43,13 +47,13 @@ import tensorflow as tf
 
 from data_pipelines import records
 from spade_jax import input_pipeline
+from spade_jax import label_maps
+from spade_jax import model_io
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
 MAP_EXTENSIONS = ('.png',)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
-# PIL modes of single-channel maps whose pixel values are the ids.
-_MAP_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L')
 PREPROCESS_CHOICES = ('fixed', 'config')
 
 
@@ -97,23 +101,25 @@ def _which(what: str, path: str) -> str:
   return what if what == 'label map' else f'{what} {path}'
 
 
-def read_map(path: str, what: str) -> np.ndarray:
-  """A single-channel label/instance PNG -> int32 (H, W) of its raw values."""
+def read_map(path: str, what: str, palette: Optional[np.ndarray] = None,
+             config=None) -> np.ndarray:
+  """A label/instance PNG -> int32 (H, W) of its raw values.
+
+  `label_maps` rules: gray PNGs (or RGB with equal channels) hold the raw
+  ids; with `palette` (the model's class colours) a colour map's classes
+  become the raw ids of `config`'s data set (ADE20K shift, 255 don't care).
+  """
   try:
-    with Image.open(path) as im:
-      im.load()
-      mode = im.mode
-      arr = np.asarray(im) if mode in _MAP_MODES else None
-  except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f'cannot read the {_which(what, path)}: {e}') from None
-  if arr is None:
-    raise InputError(
-        f'the {_which(what, path)} has PIL mode {mode}: expected a '
-        'single-channel (gray 8- or 16-bit) PNG of ids, not a colour image.')
-  if arr.ndim != 2 or arr.size == 0:
-    raise InputError(f'the {_which(what, path)} has shape {arr.shape}: '
-                     'expected (H, W).')
-  return arr.astype(np.int32)
+    ids, by_palette = label_maps.read_label_map(path, palette=palette,
+                                                name=_which(what, path))
+  except label_maps.LabelMapError as e:
+    raise InputError(str(e)) from None
+  if by_palette:
+    ids = label_maps.class_ids_to_raw(
+        ids, dataset=config.get('dataset', 'custom'),
+        label_nc=int(config.label_nc),
+        contain_dontcare_label=bool(config.contain_dontcare_label))
+  return ids
 
 
 def read_image(path: str, what: str = 'image') -> np.ndarray:
@@ -125,14 +131,25 @@ def read_image(path: str, what: str = 'image') -> np.ndarray:
     raise InputError(f'cannot read the {what} {path}: {e}') from None
 
 
-def label_colors(config, data_dir: Optional[str] = None):
-  """Colours per class id: a built data set's, the synthetic set's, or None."""
+def label_colors(config, data_dir: Optional[str] = None,
+                 model_dir: Optional[str] = None):
+  """Colours per class id: a built data set's, the model's classes.json, the
+  synthetic set's, or None."""
   if data_dir:
     return records.DatasetInfo.load(data_dir).colors
+  classes = model_io.load_classes(model_dir) if model_dir else None
+  if classes and classes.get('colors'):
+    return classes['colors']
   if config.get('dataset', '') == 'synthetic':
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
     return [list(c) for c in synthetic.CLASS_COLORS]
   return None
+
+
+def model_palette(config, colors) -> np.ndarray:
+  """The class colours a colour label map is read with (one per class)."""
+  n = int(config.label_nc) + (1 if config.contain_dontcare_label else 0)
+  return label_maps.palette_for(n, colors)
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +242,8 @@ def synthesize_one(synth: Synthesizer, pre, label_path: str,
   """Generates and writes the images of one label map (raises InputError)."""
   name = stem(label_path)
   result = Result(name=name, label_path=label_path)
-  raw = read_map(label_path, 'label map')
+  raw = read_map(label_path, 'label map', model_palette(synth.config, colors),
+                 synth.config)
   instance = None
   if not synth.config.no_instance:
     instance = (read_map(instance_path, 'instance map') if instance_path
@@ -296,7 +314,7 @@ def synthesize(model: str, labels: str, output_dir: str, *,
     logging.warning('The model uses instance maps and none were given: '
                     'using each label map as its instance map.')
   style_images = style_code_source(synth, pre, style) if style else None
-  colors = label_colors(config, data_dir)
+  colors = label_colors(config, data_dir, model)
   os.makedirs(output_dir, exist_ok=True)
 
   results = []

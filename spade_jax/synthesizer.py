@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from spade_jax import label_maps
 from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
 
-DONTCARE_VALUE = 255
+DONTCARE_VALUE = label_maps.DONT_CARE
 
 
 def class_ids(labels: np.ndarray, config: ml_collections.ConfigDict,

@@ -3,26 +3,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from spade_jax import label_maps
 
-def default_palette(num_colors: int = 256) -> np.ndarray:
-  """A fixed, well-spread palette (PASCAL-VOC style bit interleaving).
 
-  Class 0 is black; colours of consecutive ids differ clearly.
-
-  Args:
-    num_colors: number of entries.
-
-  Returns:
-    uint8 (num_colors, 3).
-  """
-  ids = np.arange(num_colors, dtype=np.int64)
-  palette = np.zeros((num_colors, 3), np.int64)
-  shifted = ids.copy()
-  for bit in range(8):
-    for channel in range(3):
-      palette[:, channel] |= ((shifted >> channel) & 1) << (7 - bit)
-    shifted >>= 3
-  return palette.astype(np.uint8)
+# The palette lives in `label_maps`; this name stays for the callers.
+default_palette = label_maps.default_palette
 
 
 def colorize_labels(label: np.ndarray,

@@ -12,6 +12,7 @@ import tensorflow as tf
 from data_pipelines import build
 from data_pipelines import layouts
 from data_pipelines import records
+from spade_jax import label_maps
 
 # ---------------------------------------------------------------------------
 # Helpers.
@@ -306,7 +307,7 @@ def _truncated_image(src):
 def _corrupt_label(src):
   path = src / 'train_label' / 'b.png'
   path.write_bytes(path.read_bytes()[:40])
-  return path, 'cannot decode label'
+  return path, 'cannot decode the label map'
 
 
 def _label_size(src):
@@ -332,7 +333,7 @@ def _out_of_range(src):
 def _rgb_label(src):
   path = src / 'train_label' / 'b.png'
   _save(path, _image(12, 16))
-  return path, 'single-channel'
+  return path, '--label_format rgb'
 
 
 @pytest.mark.parametrize('corrupt', [
@@ -413,9 +414,9 @@ def test_resolve_num_shards():
 
 def test_label_colormap_matches_reference_start():
   # util.labelcolormap of the reference: id 0 -> (128, 0, 0), 1 -> (0, 128, 0)
-  assert build.label_colormap(4) == [[128, 0, 0], [0, 128, 0],
-                                     [128, 128, 0], [0, 0, 128]]
-  assert len(build.label_colormap(35)) == 35
+  assert label_maps.label_colormap(4).tolist() == [
+      [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+  assert len(label_maps.label_colormap(35)) == 35
 
 
 def test_unknown_dataset_and_split():

@@ -24,7 +24,7 @@ from serve_test import decode_png
 from serve_test import expected_image
 from serve_test import png
 from serve_test import post
-from spade_jax import serve
+from spade_jax import serve_app
 from synthesize_test import blocky_label
 from synthesize_test import pil_nearest
 from synthesize_test import save_model
@@ -82,7 +82,7 @@ def vae_server(tmp_path_factory):
   folder = save_model(str(tmp_path_factory.mktemp('browser') / 'vae'),
                       tiny_config(dataset='custom', use_vae=True,
                                   no_instance=True, z_dim=16), seed=4)
-  model = serve.load_model(folder)
+  model = serve_app.load_model(folder)
   running = RunningServer(model)
   yield running, model
   running.stop()
@@ -93,7 +93,7 @@ def server(tmp_path_factory):
   folder = save_model(str(tmp_path_factory.mktemp('browser') / 'model'),
                       tiny_config(dataset='synthetic', crop_size=SIZE,
                                   load_size=SIZE + 8))
-  model = serve.load_model(folder)
+  model = serve_app.load_model(folder)
   running = RunningServer(model)
   yield running, model
   running.stop()

@@ -28,6 +28,7 @@ from export_test import tiny_config
 from spade_jax import export
 from spade_jax import model_io
 from spade_jax import serve
+from spade_jax import serve_app
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 from synthesize_test import blocky_label
@@ -85,10 +86,17 @@ def decode_png(data):
 
 
 class RunningServer:
-  """A serve.Server on 127.0.0.1:0, serving from a thread."""
+  """A serve.Server on 127.0.0.1:0, serving from a thread.
 
-  def __init__(self, model, **kwargs):
-    self.server = serve.Server(serve.App(model, **kwargs), '127.0.0.1', 0)
+  `limits` (serve.Limits) and `allowed_hosts` go to the Server, the other
+  keyword arguments to the serve_app.App.
+  """
+
+  def __init__(self, model, limits=serve.Limits(), allowed_hosts=(),
+               **kwargs):
+    self.app = serve_app.App(model, **kwargs)
+    self.server = serve.Server(self.app, '127.0.0.1', 0, limits,
+                               allowed_hosts)
     self.server.start(warm_up=True)
     self.thread = threading.Thread(target=self.server.serve_forever,
                                    daemon=True)
@@ -98,8 +106,8 @@ class RunningServer:
 
   def stop(self):
     self.server.shutdown()
+    self.thread.join(60)
     self.server.close()
-    self.thread.join(10)
 
 
 def expected_image(synth, label, instance=None, z=None):
@@ -128,7 +136,7 @@ def root(tmp_path_factory):
 def plain(root):
   """A synthetic-set model with instance maps (no classes.json)."""
   folder = save_model(str(root / 'plain'), tiny_config(dataset='synthetic'))
-  model = serve.load_model(folder)
+  model = serve_app.load_model(folder)
   running = RunningServer(model)
   yield running, model
   running.stop()
@@ -140,7 +148,7 @@ def vae(root):
   config = tiny_config(dataset='custom', use_vae=True, no_instance=True,
                        contain_dontcare_label=True, z_dim=16)
   folder = save_model(str(root / 'vae'), config, seed=4)
-  model = serve.load_model(folder)
+  model = serve_app.load_model(folder)
   running = RunningServer(model)
   yield running, model
   running.stop()
@@ -226,12 +234,15 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(plain):
   out_of_range = blocky_label(32, 32, 3).astype(np.uint8)
   out_of_range[:4, :4] = 9
   out_of_range[-2:, -2:] = 200
-  body_limit = running.server.app.max_body_bytes
+  body_limit = running.server.limits.max_body_bytes
 
   multipart_cases = [
-      ({'label': b'this is not a png'}, 400, 'cannot decode the label map'),
-      ({'label': jpeg.getvalue()}, 400, 'is a JPEG image: send a PNG'),
-      ({'label': png(colour)}, 400, 'colour image (1024 pixels'),
+      ({'label': b'this is not a png'}, 400,
+       'the label map is not a PNG file'),
+      ({'label': jpeg.getvalue()}, 400, 'the label map is not a PNG file'),
+      ({'label': png(colour)}, 400, 'the label map has 1 colour(s) that are '
+       'not class colours of the palette (8 classes): (5, 0, 0): 1024 '
+       'pixels'),
       ({'label': png(out_of_range)}, 400,
        "class ids [9, 200] at 20 pixels, outside this model's range 0..7"),
       ({'instance': good}, 400, "missing the 'label' field"),
@@ -310,16 +321,16 @@ def test_concurrent_requests_share_one_worker(plain):
 
 def test_worker_batches_waiting_jobs(plain):
   _, model = plain
-  worker = serve.Worker(model.synth, max_batch=4)
+  worker = serve_app.Worker(model.synth, max_batch=4)
   labels = [blocky_label(32, 32, 20 + i).astype(np.int32) for i in range(5)]
-  jobs = [serve.Job(label, label) for label in labels[:4]]
+  jobs = [serve_app.Job(label, label) for label in labels[:4]]
   futures = [worker.submit(job) for job in jobs]  # Queued before start.
   worker.start()
   try:
     for label, future in zip(labels, futures):
       got = visualize.image_to_uint8(future.result(timeout=120))
       assert_close(got, expected_image(model.synth, label))
-    alone = worker.submit(serve.Job(labels[4], labels[4]))
+    alone = worker.submit(serve_app.Job(labels[4], labels[4]))
     assert_close(visualize.image_to_uint8(alone.result(timeout=120)),
                  expected_image(model.synth, labels[4]))
   finally:
@@ -455,42 +466,50 @@ def test_classes_option_overrides_the_model_and_checks_label_nc(
   _, model = plain  # A synthetic-set model: the set's names without it.
   folder = model.source
   data, names, colors = dataset_folder(tmp_path / 'data', 8)
-  info = serve.load_model(folder, classes=str(data)).info()
+  info = serve_app.load_model(folder, classes=str(data)).info()
   assert (info['names'], info['colors']) == (names, colors)
   # A classes.json file (here without colours: the default palette).
   model_io.save_classes(str(tmp_path), names[::-1], None)
-  info = serve.load_model(
+  info = serve_app.load_model(
       folder, classes=str(tmp_path / model_io.CLASSES_FILE)).info()
   assert info['names'] == names[::-1]
   assert info['colors'] == visualize.default_palette(256)[:8].tolist()
 
   other, _, _ = dataset_folder(tmp_path / 'other', 5)
   with pytest.raises(ValueError) as e:
-    serve.load_model(folder, classes=str(other))
+    serve_app.load_model(folder, classes=str(other))
   assert f'the data set {other} has 5 classes' in str(e.value)
   assert 'label_nc=8' in str(e.value)
   short = tmp_path / 'short'
   short.mkdir()
   model_io.save_classes(str(short), names[:3], colors)
   with pytest.raises(ValueError) as e:
-    serve.load_model(folder, classes=str(short / model_io.CLASSES_FILE))
+    serve_app.load_model(folder, classes=str(short / model_io.CLASSES_FILE))
   assert 'has 3 class names but the model has label_nc=8' in str(e.value)
   for path, message in [(tmp_path / 'none', 'does not exist'),
                         (short, 'is not a built data set folder')]:
     with pytest.raises(FileNotFoundError, match=message):
-      serve.load_model(folder, classes=str(path))
+      serve_app.load_model(folder, classes=str(path))
 
 
 def test_cli_classes_flag_and_ctrl_c(plain, dataset_folder, tmp_path):
   """--classes names the classes; Ctrl-C stops the server."""
   _, model = plain
   data, names, colors = dataset_folder(tmp_path / 'data', 8)
-  with _cli_server('--model', model.source, '--classes', str(data)) as (
-      proc, line):
+  with _cli_server('--model', model.source, '--classes', str(data),
+                   '--max_upload_mb', '0.5', '--allowed_hosts',
+                   'spade.example') as (proc, line):
     url = line.split(' at ')[1].split()[0]
     assert url.startswith('http://127.0.0.1:')  # Loopback by default.
     status, _, body = request(url, '/')
     assert status == 200 and b'<canvas' in body
+    # The limit flags reach the server.
+    status, _, body = request(url, '/api/classes',
+                              headers={'Host': 'spade.example'})
+    assert status == 200, body
+    status, _, body = request(url, '/api/synthesize', 'POST',
+                              b'\0' * 2**20, 'image/png')
+    assert status == 413 and 'the limit is 524288 bytes' in body.decode()
     status, _, body = request(url, '/api/classes')
     info = json.loads(body)
     assert (info['names'], info['colors']) == (names, colors)
@@ -548,6 +567,11 @@ def test_cli_reports_a_missing_model_and_mismatched_classes(
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert (f'ERROR: the data set {other} has 5 classes (label_nc in '
           'dataset_info.json) but the model has label_nc=8') in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, '-m', 'spade_jax.serve', '--model', model.source,
+       '--max_field_kb', '8'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'max_field_bytes=8192: must be at least 128 KiB' in proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -566,7 +590,7 @@ def reference(root, reference_dir, dataset_folder):
   out = str(root / 'reference_model')
   convert.convert(str(reference_dir), str(reference_dir / 'opt.json'), out,
                   data_dir=str(data))
-  running = RunningServer(serve.load_model(out))
+  running = RunningServer(serve_app.load_model(out))
   yield running, out, opt, names, colors
   running.stop()
 
@@ -618,8 +642,7 @@ def test_converted_reference_model_serves_its_images(reference,
     assert_close(got, want[i])
     np.testing.assert_array_equal(got[clear[i]], want[i][clear[i]])
 
-    job = serve.make_job(serve.parse_multipart(*multipart(fields)),
-                         running.server.app.model)
+    job = serve_app.make_job(fields, running.app.model)
     np.testing.assert_array_equal(job.label, labels[i])
     np.testing.assert_array_equal(job.instance, instances[i])
     image = running.worker.submit(job).result(timeout=120)

@@ -10,6 +10,7 @@ import pytest
 from export_test import fake_train_state
 from export_test import tiny_config
 from spade_jax import export
+from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import synthesize
 from spade_jax import visualize
@@ -46,7 +47,9 @@ def inputs(model):
   b = blocky_label(32, 32, 2).astype(np.uint16)
   Image.fromarray(b).save(labels / 'b.png')
   (labels / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\nthis is not a png')
-  Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(labels / 'rgb.png')
+  # A colour that is no class colour of the synthetic set.
+  Image.fromarray(np.full((16, 16, 3), (1, 2, 3), np.uint8)).save(
+      labels / 'rgb.png')
   Image.fromarray(np.full((16, 16), 200, np.uint8)).save(
       labels / 'range.png')
   images = root / 'images'
@@ -76,7 +79,7 @@ def test_cli_writes_pngs_and_page_and_reports_bad_files(model, inputs,
   assert 'Synthesized 2 of 5 label maps' in proc.stdout
   for bad in ('corrupt.png', 'rgb.png', 'range.png'):
     assert f'ERROR {labels / bad}' in proc.stderr
-  assert 'PIL mode RGB' in proc.stderr
+  assert '(1, 2, 3): 256 pixels, first at (row 0, col 0)' in proc.stderr
   assert 'class ids [200]' in proc.stderr
 
   synth = Synthesizer.load(folder)
@@ -97,6 +100,34 @@ def test_cli_writes_pngs_and_page_and_reports_bad_files(model, inputs,
                  'real/a.png', 'real_image', 'input_label', 'corrupt.png',
                  'Failed'):
     assert needle in page, needle
+
+
+def test_colour_label_maps_in_the_class_colours(model, inputs, tmp_path):
+  folder, _ = model
+  _, _, maps = inputs
+  synth = Synthesizer.load(folder)
+  palette = synthesize.model_palette(synth.config,
+                                     synthesize.label_colors(synth.config))
+  colours = tmp_path / 'colours'
+  colours.mkdir()
+  grays = tmp_path / 'grays'
+  grays.mkdir()
+  Image.fromarray(label_maps.colorize(maps['a'], palette)).save(
+      colours / 'a.png')
+  Image.fromarray(maps['a']).save(grays / 'a.png')
+  by_colour = synthesize.synthesize(folder, str(colours), str(tmp_path / 'c'),
+                                    synth=synth)
+  by_gray = synthesize.synthesize(folder, str(grays), str(tmp_path / 'g'),
+                                  synth=synth)
+  assert by_colour[0].error is None and by_gray[0].error is None
+  for sub in ('synthesized', 'label'):
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / 'c' / sub / 'a.png')),
+        np.asarray(Image.open(tmp_path / 'g' / sub / 'a.png')))
+  # The colourised output reads back to the same ids (ids -> colours -> ids).
+  np.testing.assert_array_equal(
+      label_maps.decode_label_map(str(colours / 'a.png'), palette=palette),
+      maps['a'])
 
 
 def test_vae_samples_and_style(tmp_path):
