@@ -38,7 +38,7 @@ Label conventions (`labels_from_annotation` for the data sets' own files,
 """
 import dataclasses
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +217,25 @@ def load_variables(name: str, weights: str) -> Dict:
       SEGMENTERS[name].how_to_get)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _scale_scores(name: str, multi_scale: bool, variables, x, out_hw):
+  """Per-class scores of one input scale at out_hw (summed over scales).
+
+  DeepLab: logits (MSC inside the network); UperNet: softmax probabilities;
+  DRN: log-probabilities, each resized bilinearly to out_hw, as the
+  projects combine them.
+  """
+  net = make_network(name)
+  if name == 'deeplabv2_cocostuff':
+    logits = net.apply(variables, x, multi_scale=multi_scale)
+    return segmenter_nets.resize_bilinear(logits, out_hw)
+  if name == 'upernet101_ade20k':
+    logits = net.apply(variables, x)
+    return jax.nn.softmax(segmenter_nets.resize_bilinear(logits, out_hw),
+                          axis=-1)
+  return segmenter_nets.resize_bilinear(net.apply(variables, x), out_hw)
+
+
 class Segmenter:
   """Labels uint8 RGB images with one of the paper's segmenters.
 
@@ -233,24 +252,10 @@ class Segmenter:
     self.info = SEGMENTERS[name]
     self.multi_scale = multi_scale
     self._variables = jax.device_put(variables)
-    self._net = make_network(name)
-    self._scores = jax.jit(self._scores_fn, static_argnums=(2,))
 
   @classmethod
   def load(cls, name: str, weights: str, multi_scale: bool = True):
     return cls(name, load_variables(name, weights), multi_scale)
-
-  def _scores_fn(self, variables, x, out_hw):
-    """Per-class scores of one input scale, at out_hw (summable)."""
-    if self.name == 'deeplabv2_cocostuff':
-      logits = self._net.apply(variables, x, multi_scale=self.multi_scale)
-      return segmenter_nets.resize_bilinear(logits, out_hw)
-    if self.name == 'upernet101_ade20k':
-      logits = self._net.apply(variables, x)
-      return jax.nn.softmax(segmenter_nets.resize_bilinear(logits, out_hw),
-                            axis=-1)
-    log_probs = self._net.apply(variables, x)
-    return segmenter_nets.resize_bilinear(log_probs, out_hw)
 
   def inputs(self, images: np.ndarray) -> List[np.ndarray]:
     """The network inputs (float32 NHWC), one per scale of the protocol."""
@@ -283,7 +288,8 @@ class Segmenter:
     out_hw = tuple(np.shape(images)[1:3])
     total = None
     for x in self.inputs(images):
-      s = self._scores(self._variables, jnp.asarray(x), out_hw)
+      s = _scale_scores(self.name, self.multi_scale, self._variables,
+                        jnp.asarray(x), out_hw)
       total = s if total is None else total + s
     return total
 

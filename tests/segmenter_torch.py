@@ -226,3 +226,12 @@ def calibrate_batch_norm(model: nn.Module, x: torch.Tensor) -> None:
   with torch.no_grad():
     model(x)
   model.eval()
+
+
+def write_random_drn(path, seed=0) -> str:
+  """A random-weight DRNSeg(19) saved as fyu/drn saves it (state dict)."""
+  torch.manual_seed(seed)
+  model = DRNSeg(19)
+  calibrate_batch_norm(model, torch.rand(1, 3, 32, 64))
+  torch.save(model.state_dict(), path)
+  return str(path)
