@@ -94,8 +94,10 @@ def check_same_architecture(config, workdir: str) -> None:
   saved = export.workdir_config(workdir)
   diff = [k for k in train.ARCHITECTURE_KEYS
           if k in saved and k in config and saved[k] != config[k]]
-  # Whether the checkpoints hold EMA weights changes their structure.
-  if (saved.get('ema_decay', 0) > 0) != (config.get('ema_decay', 0) > 0):
+  # Whether the checkpoints hold EMA weights changes their structure (a
+  # model folder holds the inference weights only).
+  if not export.is_model_folder(workdir) and (
+      (saved.get('ema_decay', 0) > 0) != (config.get('ema_decay', 0) > 0)):
     diff.append('ema_decay')
   if diff:
     raise ValueError(
@@ -189,8 +191,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              step: Optional[int] = None) -> Dict[str, float]:
   """FID (and mIoU, accuracy) of checkpoint `step` (default the latest).
 
-  Returns {'fid': ...} plus 'miou' and 'accuracy' with a segmenter; each is
-  written to TensorBoard as eval/NAME and printed.
+  `workdir` may also be a model folder (`spade_jax.convert` or `export`
+  output, e.g. a converted reference checkpoint; its scores are written at
+  step 0). Returns {'fid': ...} plus 'miou' and 'accuracy' with a
+  segmenter; each is written to TensorBoard as eval/NAME and printed.
   """
   from spade_jax import train  # pylint: disable=g-import-not-at-top
   inception_vars = load_inception(config)  # Fails early without weights.
@@ -216,9 +220,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   score = fid.frechet_distance(*real_stats.mean_cov(),
                                *fake_stats.mean_cov())
   results = {'fid': score}
+  source = (f'checkpoint step {step}' if step is not None
+            else f'model folder {workdir}')
   message = (f'FID {score:.4f}: {fake_stats.count} generated vs '
              f'{real_stats.count} real images of split '
-             f'{config.eval_split!r}, checkpoint step {step}.')
+             f'{config.eval_split!r}, {source}.')
   if confusion is not None:
     seg = confusion.scores()
     results.update(miou=seg['miou'], accuracy=seg['accuracy'])
@@ -229,7 +235,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   with metric_writers.ensure_flushes(writer):
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+    writer.write_scalars(0 if step is None else step,
+                         {f'eval/{k}': v for k, v in results.items()})
   logging.info(message)
   if jax.process_index() == 0:
     print(message)

@@ -12,6 +12,7 @@ import torch
 from export_test import make_workdir
 from export_test import tiny_config
 from spade_jax import evaluate
+from spade_jax import export
 from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
@@ -132,10 +133,13 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
 
   The synthetic set has no segmenter of its own; here it is scored with
   DRN-D-105 (its ids read as Cityscapes label ids), which exercises the
-  same path as coco_stuff / ade20k / cityscapes.
+  same path as coco_stuff / ade20k / cityscapes. The model evaluated is a
+  model folder (as `spade_jax.convert` makes of a reference checkpoint).
   """
   config, workdir, _ = run
   inception = config.inception_weights
+  model_dir = str(tmp_path / 'model')
+  export.export(workdir, model_dir, with_jax_export=False)
   drn_weights = segmenter_torch.write_random_drn(tmp_path / 'drn.pth')
   with pytest.raises(ValueError, match='no segmenter'):
     evaluate.evaluate(eval_config(inception_weights=inception,
@@ -144,7 +148,8 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
                       'drn105_cityscapes')
   seg_config = eval_config(inception_weights=inception,
                            segmenter_weights=drn_weights,
-                           segmenter_single_scale=True)
+                           segmenter_single_scale=True,
+                           data_dir=train.resolve_data_dir(config, workdir))
   added = []
   real_add = segmentation_metrics.ConfusionMatrix.add
 
@@ -152,8 +157,9 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
     added.append((np.asarray(label), np.asarray(pred)))
     real_add(self, label, pred)
   monkeypatch.setattr(segmentation_metrics.ConfusionMatrix, 'add', spy)
-  results = evaluate.evaluate(seg_config, workdir)
+  results = evaluate.evaluate(seg_config, model_dir)
   printed = capsys.readouterr().out
+  assert f'model folder {model_dir}' in printed
   # The fid_num_images generated images, against their own label maps
   # (spade ids as Cityscapes label ids -> train ids, others don't-care).
   labels = np.concatenate([a[0] for a in added])
@@ -171,8 +177,8 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
   assert f'mIoU {100 * results["miou"]:.2f}' in printed
   assert f'accuracy {100 * results["accuracy"]:.2f}' in printed
   for key in ('fid', 'miou', 'accuracy'):
-    assert read_scalars(workdir, f'eval/{key}')[-1] == (
-        3, pytest.approx(results[key]))
+    assert read_scalars(model_dir, f'eval/{key}') == [
+        (0, pytest.approx(results[key]))]
 
 
 def test_missing_segmenter_weights_name_the_file(run, tmp_path):
