@@ -211,9 +211,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     confusion = segmentation_metrics.ConfusionMatrix(
         segmenter.info.num_classes)
 
-    def on_generated(images, labels):
+    def score_batch(images, labels):
       confusion.add(segmenters.labels_from_spade(segmenter.name, labels),
                     segmenter.predict(images))
+    on_generated = score_batch
   fake_stats, real_stats = fid_statistics(
       config, variables['generator'], data_dir, extractor,
       int(config.get('fid_num_images', 0)), on_generated=on_generated)
