@@ -217,15 +217,14 @@ def load_variables(name: str, weights: str) -> Dict:
       SEGMENTERS[name].how_to_get)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4))
-def _scale_scores(name: str, multi_scale: bool, variables, x, out_hw):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 5))
+def _scale_scores(net, name: str, multi_scale: bool, variables, x, out_hw):
   """Per-class scores of one input scale at out_hw (summed over scales).
 
   DeepLab: logits (MSC inside the network); UperNet: softmax probabilities;
   DRN: log-probabilities, each resized bilinearly to out_hw, as the
   projects combine them.
   """
-  net = make_network(name)
   if name == 'deeplabv2_cocostuff':
     logits = net.apply(variables, x, multi_scale=multi_scale)
     return segmenter_nets.resize_bilinear(logits, out_hw)
@@ -241,10 +240,12 @@ class Segmenter:
 
   `predict(images)` takes (N, H, W, 3) uint8 RGB images of one size and
   returns (N, H, W) int32 class ids, by the project's own protocol
-  (multi_scale=True) or one pass at the images' size.
+  (multi_scale=True) or one pass at the images' size. `network` replaces
+  the segmenter's network (same inputs and outputs; for tests).
   """
 
-  def __init__(self, name: str, variables: Dict, multi_scale: bool = True):
+  def __init__(self, name: str, variables: Dict, multi_scale: bool = True,
+               network=None):
     if name not in SEGMENTERS:
       raise ValueError(f'Unknown segmenter {name!r}; one of '
                        f'{sorted(SEGMENTERS)}.')
@@ -252,6 +253,7 @@ class Segmenter:
     self.info = SEGMENTERS[name]
     self.multi_scale = multi_scale
     self._variables = jax.device_put(variables)
+    self._net = network if network is not None else make_network(name)
 
   @classmethod
   def load(cls, name: str, weights: str, multi_scale: bool = True):
@@ -284,13 +286,20 @@ class Segmenter:
              / 255 - _DRN_MEAN) / _DRN_STD for s in sizes]
 
   def class_scores(self, images: np.ndarray) -> jax.Array:
-    """(N, H, W, classes): the summed per-scale scores argmax is taken of."""
+    """(N, H, W, classes): the fused per-scale scores argmax is taken of.
+
+    UperNet: the mean of the scales' probabilities; DRN: the sum of their
+    log-probabilities; DeepLab: the MSC logits.
+    """
     out_hw = tuple(np.shape(images)[1:3])
+    inputs = self.inputs(images)
     total = None
-    for x in self.inputs(images):
-      s = _scale_scores(self.name, self.multi_scale, self._variables,
-                        jnp.asarray(x), out_hw)
+    for x in inputs:
+      s = _scale_scores(self._net, self.name, self.multi_scale,
+                        self._variables, jnp.asarray(x), out_hw)
       total = s if total is None else total + s
+    if self.name == 'upernet101_ade20k':
+      total = total / len(inputs)
     return total
 
   def predict(self, images: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ sizes (full COCO / ADE images at 513 or up to 1000 pixels, Cityscapes at
 2048x1024) take minutes per pass on a 2-core CPU; the networks are fully
 convolutional, so the sizes SPADE actually evaluates at are the ones tested.
 """
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -249,3 +250,70 @@ def test_protocol_input_sizes():
   (x,) = deeplab.inputs(np.full((1, 2, 2, 3), [10, 20, 30], np.uint8))
   np.testing.assert_allclose(x[0, 0, 0], [30 - 104.008, 20 - 116.669,
                                           10 - 122.675], rtol=1e-6)
+
+
+class _PoolConv(nn.Module):
+  """A stand-in network: stride-`pool` average pool, 1x1 conv (+ log-softmax)."""
+  classes: int
+  pool: int
+  log_softmax: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.avg_pool(x, (self.pool, self.pool), (self.pool, self.pool))
+    x = nn.Conv(self.classes, (1, 1), precision='highest')(x)
+    return jax.nn.log_softmax(x, axis=-1) if self.log_softmax else x
+
+
+def _torch_pool_conv(x_nhwc, variables, pool, log_softmax):
+  kernel = np.asarray(variables['params']['Conv_0']['kernel'])
+  bias = np.array(variables['params']['Conv_0']['bias'])
+  t = torch.nn.functional.avg_pool2d(_to_torch(x_nhwc), pool)
+  t = torch.nn.functional.conv2d(
+      t, torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
+      torch.from_numpy(bias))
+  return torch.log_softmax(t, 1) if log_softmax else t
+
+
+@pytest.mark.parametrize('name', ['upernet101_ade20k', 'drn105_cityscapes'])
+def test_multi_scale_protocol_matches_the_projects_test_code(name):
+  """Scales, PIL resizes, normalisation and score fusion, written out here
+  from mit-semseg eval.py / fyu/drn segment.py test_ms (a stand-in network
+  in place of the 101-layer one, the same in both)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  upernet = name == 'upernet101_ade20k'
+  classes, pool = (150, 4) if upernet else (19, 8)
+  net = _PoolConv(classes, pool, log_softmax=not upernet)
+  variables = net.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3)))
+  h, w = (48, 40) if upernet else (64, 128)
+  image = (_image(h, w, seed=3) * 255).astype(np.uint8)
+  seg = segmenters.Segmenter(name, variables, network=net)
+  got = np.asarray(seg.class_scores(image[None]))
+
+  want = 0
+  if upernet:  # eval.py: mean of softmax(interpolate(logits, label size)).
+    for short in (300, 375, 450, 525, 600):
+      scale = min(short / min(h, w), 1000 / max(h, w))
+      th, tw = [((int(n * scale) - 1) // 32 + 1) * 32 for n in (h, w)]
+      im = np.asarray(Image.fromarray(image).resize((tw, th),
+                                                    Image.BILINEAR))
+      x = ((im / 255. - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
+      out = F.interpolate(_torch_pool_conv(x[None].astype(np.float32),
+                                           variables, pool, False),
+                          size=(h, w), mode='bilinear', align_corners=False)
+      want = want + F.softmax(out, 1) / 5
+  else:  # test_ms: sum of log-probabilities resized to the image size.
+    for s in (1, 0.5, 0.75, 1.25, 1.5, 1.75):
+      im = image if s == 1 else np.asarray(Image.fromarray(image).resize(
+          (int(w * s), int(h * s)), Image.BICUBIC))
+      x = (im / 255. - segmenters._DRN_MEAN) / segmenters._DRN_STD  # pylint: disable=protected-access
+      out = _torch_pool_conv(x[None].astype(np.float32), variables, pool,
+                             True)
+      want = want + F.interpolate(out, size=(h, w), mode='bilinear',
+                                  align_corners=False)
+  want = _to_nhwc(want)
+  np.testing.assert_allclose(got, want, rtol=1e-4,
+                             atol=1e-5 * np.abs(want).max())
+  np.testing.assert_array_equal(seg.predict(image[None])[0],
+                                want[0].argmax(-1))
