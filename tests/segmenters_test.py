@@ -23,7 +23,7 @@ torch = pytest.importorskip('torch')
 
 from spade_jax import segmenter_nets  # pylint: disable=g-import-not-at-top
 from spade_jax import segmenters  # pylint: disable=g-import-not-at-top
-from tests import segmenter_torch  # pylint: disable=g-import-not-at-top
+import segmenter_torch  # pylint: disable=g-import-not-at-top
 
 
 def _image(height, width, seed=0):
