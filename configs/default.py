@@ -117,5 +117,12 @@ def get_config():
   # Training computes FID every this many steps (and at the last step) on
   # process 0, written as eval/fid; 0: never. Needs inception_weights.
   config.fid_every_steps = 0
+  # Segmentation score of the paper's Table 1 in --mode eval (mIoU, pixel
+  # accuracy): the published weights of the data set's segmenter (see
+  # spade_jax/segmenters.py; UperNet: ENCODER.pth,DECODER.pth). '': FID only.
+  config.segmenter_weights = ''
+  # One pass at the generated images' size instead of the segmenter's own
+  # multi-scale protocol.
+  config.segmenter_single_scale = False
 
   return config

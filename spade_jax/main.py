@@ -19,7 +19,8 @@ flags.DEFINE_string('workdir', None, 'Folder for checkpoints and TensorBoard.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                   'train: train (resuming if the workdir has checkpoints); '
                   'eval: FID of the latest checkpoint (needs '
-                  '--config.inception_weights).')
+                  '--config.inception_weights), and mIoU / pixel accuracy '
+                  'with --config.segmenter_weights.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-host training.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')

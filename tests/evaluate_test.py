@@ -12,12 +12,16 @@ import torch
 from export_test import make_workdir
 from export_test import tiny_config
 from spade_jax import evaluate
+from spade_jax import export
 from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
 from spade_jax import layers
+from spade_jax import segmentation_metrics
+from spade_jax import segmenters
 from spade_jax import train
 from spade_jax import visualize
+import segmenter_torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +76,7 @@ def read_scalars(workdir, tag):
 
 def test_fid_written_printed_and_right(run, capsys):
   config, workdir, state = run
-  score = evaluate.evaluate(config, workdir)
+  score = evaluate.evaluate(config, workdir)['fid']
   printed = capsys.readouterr().out
   assert f'FID {score:.4f}' in printed
   assert '3 generated vs 3 real images' in printed and 'step 3' in printed
@@ -121,3 +125,66 @@ def test_other_architecture_refused(run):
   other = eval_config(inception_weights=config.inception_weights, ngf=16)
   with pytest.raises(ValueError, match='ngf=8 there vs 16 here'):
     evaluate.evaluate(other, workdir)
+
+
+def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
+                                                capsys):
+  """--mode eval with a segmenter: FID, mIoU, accuracy printed and written.
+
+  The synthetic set has no segmenter of its own; here it is scored with
+  DRN-D-105 (its ids read as Cityscapes label ids), which exercises the
+  same path as coco_stuff / ade20k / cityscapes. The model evaluated is a
+  model folder (as `spade_jax.convert` makes of a reference checkpoint).
+  """
+  config, workdir, _ = run
+  inception = config.inception_weights
+  model_dir = str(tmp_path / 'model')
+  export.export(workdir, model_dir, with_jax_export=False)
+  drn_weights = segmenter_torch.write_random_drn(tmp_path / 'drn.pth')
+  with pytest.raises(ValueError, match='no segmenter'):
+    evaluate.evaluate(eval_config(inception_weights=inception,
+                                  segmenter_weights=drn_weights), workdir)
+  monkeypatch.setitem(segmenters.DATASET_SEGMENTER, 'synthetic',
+                      'drn105_cityscapes')
+  seg_config = eval_config(inception_weights=inception,
+                           segmenter_weights=drn_weights,
+                           segmenter_single_scale=True,
+                           data_dir=train.resolve_data_dir(config, workdir))
+  added = []
+  real_add = segmentation_metrics.ConfusionMatrix.add
+
+  def spy(self, label, pred):
+    added.append((np.asarray(label), np.asarray(pred)))
+    real_add(self, label, pred)
+  monkeypatch.setattr(segmentation_metrics.ConfusionMatrix, 'add', spy)
+  results = evaluate.evaluate(seg_config, model_dir)
+  printed = capsys.readouterr().out
+  assert f'model folder {model_dir}' in printed
+  # The fid_num_images generated images, against their own label maps
+  # (spade ids as Cityscapes label ids -> train ids, others don't-care).
+  labels = np.concatenate([a[0] for a in added])
+  preds = np.concatenate([a[1] for a in added])
+  batch = next(input_pipeline.numpy_batches(input_pipeline.create_split(
+      config, train.resolve_data_dir(config, workdir), 'val', train=False,
+      process_index=0, process_count=1)))
+  np.testing.assert_array_equal(labels, segmenters.labels_from_spade(
+      'drn105_cityscapes', batch['label'][:3]))
+  assert preds.shape == (3, 32, 32)
+  want = segmentation_metrics.scores(segmentation_metrics.confusion_matrix(
+      labels, preds, 19))
+  assert results['miou'] == pytest.approx(want['miou'])
+  assert set(results) == {'fid', 'miou', 'accuracy'}
+  assert f'mIoU {100 * results["miou"]:.2f}' in printed
+  assert f'accuracy {100 * results["accuracy"]:.2f}' in printed
+  for key in ('fid', 'miou', 'accuracy'):
+    assert read_scalars(model_dir, f'eval/{key}') == [
+        (0, pytest.approx(results[key]))]
+
+
+def test_missing_segmenter_weights_name_the_file(run, tmp_path):
+  config, workdir, _ = run
+  config = eval_config(inception_weights=config.inception_weights,
+                       segmenter_weights=str(tmp_path / 'missing.pth'))
+  config.dataset = 'coco_stuff'
+  with pytest.raises(FileNotFoundError, match=segmenters.DEEPLAB_FILE):
+    evaluate.evaluate(config, workdir)
