@@ -55,8 +55,12 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   if FLAGS.mode == 'train':
+    from spade_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from spade_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except checkpoints.CheckpointError as e:  # Names the folders.
+      sys.exit(f'ERROR: {e}')
   else:
     from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
     try:
