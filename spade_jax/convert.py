@@ -338,15 +338,18 @@ def _refusal_message(path: str, torch_message: str) -> str:
   Torch's own message advises loading with weights_only=False, which runs
   whatever code the file names: it is not repeated.
   """
+  advice = ('Reference SPADE checkpoints are plain state dicts of tensors, '
+            'which load. Take the checkpoint from its original source; only '
+            'if you trust where this file comes from, re-save its tensors as '
+            'a plain state dict in PyTorch and convert that.')
   found = re.search(r'GLOBAL ([\w.]+)', torch_message)
-  what = f' (it names {found.group(1)})' if found else ''
-  return (
-      f'{path} was refused: it holds Python objects other than tensors'
-      f'{what}, and loading those could run arbitrary code. Reference SPADE '
-      'checkpoints are plain state dicts of tensors, which load. Take the '
-      'checkpoint from its original source; only if you trust where this '
-      'file comes from, re-save its tensors as a plain state dict in '
-      'PyTorch and convert that.')
+  if found:
+    return (f'{path} was refused: it holds Python objects other than '
+            f'tensors (it names {found.group(1)}), and loading those could '
+            f'run arbitrary code. {advice}')
+  return (f'{path} was refused: the safe (weights-only) loader cannot read '
+          'it. It is damaged, not a PyTorch checkpoint, or it holds Python '
+          f'objects other than tensors, which could run code. {advice}')
 
 
 def init_templates(config, crop_hw=None):
