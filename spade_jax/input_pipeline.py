@@ -31,6 +31,15 @@ Order and randomness are functions of (config.seed, step) alone:
   are not read at all and the skipped part of the current one is only read as
   bytes, never decoded.
 
+Records are checked as they are read, and a bad one stops reading with an
+error naming its shard (and record), or with `config.skip_bad_records` is
+skipped, logged and counted (`BadRecordCounter`): an undecodable image or
+map, label ids outside the set's range, a shard whose last record is cut off,
+shards holding another number of records than dataset_info.json says (only
+the records' 12-byte frame headers are read for that, at start). A record
+frame whose checksum fails (TensorFlow's DataLossError, which names no file)
+is re-raised by `numpy_batches` naming the shard.
+
 Preprocessing follows the reference (`data/base_dataset.py`) with these
 documented choices:
 * `none` keeps the native size (the reference rounds to multiples of 32 with a
