@@ -26,7 +26,9 @@ def get_config():
   config.no_flip = False
   config.shuffle_buffer_size = 1000
   config.prefetch = 2
-  # Skip (count and log) corrupt records instead of stopping with an error.
+  # Skip (count and log) bad records instead of stopping with an error that
+  # names the shard: undecodable, label ids outside the set's range, a
+  # cut-off last record, fewer records than dataset_info.json says.
   config.skip_bad_records = False
   # Synthetic data set only: how many scenes to generate per split.
   config.synthetic_num_train = 2000

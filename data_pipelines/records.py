@@ -15,9 +15,11 @@ Each record holds:
   width      int64   image width
 """
 import dataclasses
+import functools
 import json
 import os
-from typing import Dict, List, Optional
+import struct
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
@@ -62,6 +64,62 @@ def shard_path(data_dir: str, split: str, index: int, num_shards: int) -> str:
 
 def shard_paths(data_dir: str, split: str, num_shards: int) -> List[str]:
   return [shard_path(data_dir, split, i, num_shards) for i in range(num_shards)]
+
+
+def shard_sizes(num_examples: int, num_shards: int) -> List[int]:
+  """Records per shard as `data_pipelines.build` writes them (contiguous)."""
+  starts = [i * num_examples // num_shards for i in range(num_shards + 1)]
+  return [b - a for a, b in zip(starts, starts[1:])]
+
+
+# A TFRecord frame: uint64 length, uint32 CRC of it, data, uint32 CRC of data.
+_FRAME_HEADER = 12
+_FRAME_FOOTER = 4
+
+
+class ShardScan(NamedTuple):
+  """What the record frames of a shard file say (data not read)."""
+  offsets: Tuple[int, ...]  # Byte offset of every complete record.
+  size: int  # File size in bytes.
+  truncated_at: Optional[int]  # Offset of a cut-off last record, if any.
+
+  @property
+  def num_records(self) -> int:
+    return len(self.offsets)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scan(path: str, size: int, mtime_ns: int) -> ShardScan:
+  del mtime_ns  # Part of the cache key only.
+  offsets = []
+  truncated_at = None
+  # Local files through Python's own buffered file (several times faster
+  # than GFile for these small reads); others (gs://, ...) through GFile.
+  opener = tf.io.gfile.GFile if '://' in path else open
+  with opener(path, 'rb') as f:
+    pos = 0
+    while pos < size:
+      header = f.read(_FRAME_HEADER)
+      end = pos + _FRAME_HEADER + _FRAME_FOOTER
+      if len(header) == _FRAME_HEADER:
+        end += struct.unpack('<Q', header[:8])[0]
+      if len(header) < _FRAME_HEADER or end > size:
+        truncated_at = pos
+        break
+      offsets.append(pos)
+      pos = end
+      f.seek(pos)
+  return ShardScan(tuple(offsets), size, truncated_at)
+
+
+def scan_shard(path: str) -> ShardScan:
+  """The record offsets of a TFRecord file, reading only their 12-byte headers.
+
+  Fast (the data is skipped, not read or checked) and cached while the file
+  is unchanged (same size and modification time).
+  """
+  stat = tf.io.gfile.stat(path)
+  return _scan(path, int(stat.length), int(stat.mtime_nsec))
 
 
 def _bytes(v: bytes) -> tf.train.Feature:

@@ -1,7 +1,7 @@
 r"""Converts reference PyTorch SPADE checkpoints into spade_jax model folders.
 
   python -m spade_jax.convert --reference_dir DIR --opt OPT.json --output OUT \
-      [--which_epoch latest] [--data_dir DATA]
+      [--which_epoch latest] [--data_dir DATA] [--overwrite]
 
 DIR holds the reference's `latest_net_G.pth` (or `net_G.pth`, or
 `{epoch}_net_G.pth` with --which_epoch) and, when present, the D and E files.
@@ -14,9 +14,16 @@ folder (`python -m data_pipelines.build ... --data_dir DATA`; its
 dataset_info.json), OUT also gets classes.json: the data set's class names
 and colours, which `spade_jax.serve` shows. The data set's label_nc must be
 the model's (an error names both otherwise; nothing is written).
+
+OUT appears whole or not at all. An existing OUT is replaced only with
+--overwrite and only when it is a model folder written by spade_jax; never
+the reference folder or a folder that holds it. Checkpoints are read with
+PyTorch's weights-only loader: a file holding other Python objects is
+refused.
 """
 import json
 import os
+import pickle
 import re
 import sys
 from typing import Dict, Optional, Tuple
@@ -306,10 +313,43 @@ def load_torch_state(path: str) -> Dict[str, np.ndarray]:
     raise ImportError(
         'Reading reference .pth checkpoints needs PyTorch: '
         "pip install 'spade_jax[torch]'") from e
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(_refusal_message(path, str(e))) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Not a checkpoint, or a damaged one: zip errors (RuntimeError),
+    # truncated pickles (EOFError, KeyError), ...
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    if 'weights_only' in detail:
+      detail = ''
+    raise ConversionError(
+        f'Cannot read {path}: it is not a PyTorch checkpoint, or it is '
+        f'damaged or truncated ({type(e).__name__}{": " if detail else ""}'
+        f'{detail[:300]}). Copy it again from its source.') from None
   if not isinstance(state, dict):
     raise ConversionError(f'{path} does not hold a state dict.')
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _refusal_message(path: str, torch_message: str) -> str:
+  """Our message for a .pth that torch's weights-only unpickler refused.
+
+  Torch's own message advises loading with weights_only=False, which runs
+  whatever code the file names: it is not repeated.
+  """
+  advice = ('Reference SPADE checkpoints are plain state dicts of tensors, '
+            'which load. Take the checkpoint from its original source; only '
+            'if you trust where this file comes from, re-save its tensors as '
+            'a plain state dict in PyTorch and convert that.')
+  found = re.search(r'GLOBAL ([\w.]+)', torch_message)
+  if found:
+    return (f'{path} was refused: it holds Python objects other than '
+            f'tensors (it names {found.group(1)}), and loading those could '
+            f'run arbitrary code. {advice}')
+  return (f'{path} was refused: the safe (weights-only) loader cannot read '
+          'it. It is damaged, not a PyTorch checkpoint, or it holds Python '
+          f'objects other than tensors, which could run code. {advice}')
 
 
 def init_templates(config, crop_hw=None):
@@ -376,12 +416,19 @@ def find_checkpoint(reference_dir: str, net: str,
 
 def convert(reference_dir: str, opt_path: str, output: str,
             which_epoch: str = 'latest',
-            data_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+            data_dir: Optional[str] = None,
+            overwrite: bool = False) -> ml_collections.ConfigDict:
   """Converts a reference run folder; returns the config written.
 
   With `data_dir` (a built data set folder), OUT/classes.json gets its class
-  names and colours; its label_nc must be the model's.
+  names and colours; its label_nc must be the model's. OUT is written whole
+  into a temporary folder, then renamed (see `model_io`): an existing OUT
+  must be a model folder and `overwrite` set, and OUT may not be (or hold)
+  the reference folder, the option file or the data set
+  (`model_io.OutputError`).
   """
+  protect = tuple(p for p in (reference_dir, opt_path, data_dir) if p)
+  model_io.check_output(output, overwrite=overwrite, protect=protect)
   try:
     with open(opt_path) as f:
       opt = json.load(f)
@@ -410,9 +457,11 @@ def convert(reference_dir: str, opt_path: str, output: str,
       states[net] = load_torch_state(path)
   logging.info('Converting %s', ', '.join(f'net_{k}' for k in states))
   variables = convert_state_dicts(config, states)
-  model_io.save_model(output, config, variables)
-  if classes is not None:
-    model_io.save_classes(output, classes['names'], classes['colors'])
+  with model_io.model_writer(output, overwrite=overwrite,
+                             protect=protect) as tmp:
+    model_io.write_model(tmp, config, variables)
+    if classes is not None:
+      model_io.save_classes(tmp, classes['names'], classes['colors'])
   return config
 
 
@@ -431,14 +480,18 @@ def define_flags() -> None:
                       '(with dataset_info.json) whose class names and '
                       'colours go to OUT/classes.json; its label_nc must be '
                       "the model's.")
+  flags.DEFINE_bool('overwrite', False,
+                    'Replace --output when it is a model folder written by '
+                    'spade_jax (never the reference folder, nor a folder '
+                    'holding it).')
 
 
 def main(argv):
   del argv
   try:
     config = convert(FLAGS.reference_dir, FLAGS.opt, FLAGS.output,
-                     FLAGS.which_epoch, FLAGS.data_dir)
-  except (ConversionError, FileNotFoundError) as e:
+                     FLAGS.which_epoch, FLAGS.data_dir, FLAGS.overwrite)
+  except (ConversionError, FileNotFoundError, model_io.OutputError) as e:
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='

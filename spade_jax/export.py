@@ -9,7 +9,9 @@ may also be a model folder, as `--model` is (e.g. written by
 generator's inference variables: parameters, BatchNorm running statistics and
 spectral-norm state; the EMA parameters when training kept them (unless
 --use_ema=false); the VAE encoder for style images. `Synthesizer.load(OUT)`
-reads it. Beside it:
+reads it. An existing OUT is replaced only with --overwrite and only when it
+is a model folder written by spade_jax, never the source or a folder that
+holds it; the new folder appears whole, or not at all. Beside it:
 
   OUT/generator.jax_export       a serialized `jax.export` module of the
                                  generator in eval mode, weights included,
@@ -42,6 +44,7 @@ runs on the platforms named by --platforms (default cpu and cuda).
 """
 import json
 import os
+import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 from absl import app
@@ -54,12 +57,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import default as default_config
+from spade_jax import checkpoints
 from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
 
-EXPORT_FILE = 'generator.jax_export'
-SIGNATURE_FILE = 'generator_signature.json'
+EXPORT_FILE = model_io.EXPORT_FILE
+SIGNATURE_FILE = model_io.SIGNATURE_FILE
 CHECKPOINTS_DIR = 'checkpoints'
 DONTCARE_VALUE = 255
 
@@ -67,9 +71,7 @@ DONTCARE_VALUE = 255
 # ---------------------------------------------------------------------------
 # Reading inference variables from a training workdir or a model folder.
 # ---------------------------------------------------------------------------
-def is_model_folder(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, model_io.VARIABLES_DIR)) and (
-      os.path.isfile(os.path.join(path, model_io.CONFIG_FILE)))
+is_model_folder = model_io.is_model_folder
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -84,8 +86,13 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
         f'{path} not found: {workdir} is neither a training workdir (written '
         'by `python -m spade_jax.main`) nor a model folder (written by '
         '`spade_jax.convert` or `spade_jax.export`).')
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'cannot read {path}: {e}. Training writes it at start; '
+                     'restore it from a copy (the same config as the run).'
+                     ) from None
   config = default_config.get_config()
   with config.unlocked():
     for key, value in saved.items():
@@ -112,23 +119,22 @@ def _abstract_train_state(config):
 
 def restore_train_state(workdir: str, config: ml_collections.ConfigDict,
                         step: Optional[int] = None):
-  """(TrainState, step) of checkpoint `step` (default the latest)."""
+  """(TrainState, step) of checkpoint `step` (default the newest readable).
+
+  A damaged newest checkpoint is skipped with a warning naming its folder;
+  a damaged `step` is an error naming it and the --step to use instead
+  (see `checkpoints.restore_newest`).
+  """
   ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'{workdir} has no {CHECKPOINTS_DIR}/ folder: no '
                             'training checkpoint to read.')
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(ckpt_dir, options=options) as mngr:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'{ckpt_dir} holds no checkpoint.')
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ValueError(f'No checkpoint at step {step} in {ckpt_dir}; it has '
-                       f'steps {steps}.')
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract_train_state(config))))
+    abstract = _abstract_train_state(config)
+    restored, step, _ = checkpoints.restore_newest(
+        mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))), step)
   return restored['state'], int(step)
 
 
@@ -342,11 +348,9 @@ def export_generator(config, g_vars, batch_size: int = 1,
   return bytes(exported.serialize()), signature
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+def _write_file(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
     f.write(data)
-  os.replace(tmp, path)
 
 
 def export(source: str, output: str, *, step: Optional[int] = None,
@@ -354,23 +358,32 @@ def export(source: str, output: str, *, step: Optional[int] = None,
            size: Optional[Tuple[int, int]] = None,
            platforms: Optional[Sequence[str]] = None,
            precision: str = 'highest',
-           with_jax_export: bool = True) -> ml_collections.ConfigDict:
-  """Writes the model folder OUT (and the jax.export module); returns config."""
-  if os.path.abspath(source) == os.path.abspath(output):
-    raise ValueError('--output must differ from the source folder.')
+           with_jax_export: bool = True,
+           overwrite: bool = False) -> ml_collections.ConfigDict:
+  """Writes the model folder OUT (and the jax.export module); returns config.
+
+  OUT is written whole into a temporary folder, then renamed (see
+  `model_io`): an existing OUT must be a model folder and `overwrite` set,
+  and OUT may never be `source` or a folder holding it (`OutputError`).
+  """
+  model_io.check_output(output, overwrite=overwrite, protect=(source,))
   config, variables, step = load_inference_variables(source, step, use_ema)
-  model_io.save_model(output, config, variables)
   classes = class_metadata(config, source)
-  if classes is not None:
-    model_io.save_classes(output, classes['names'], classes['colors'])
+  module = signature = None
   if with_jax_export:
     module, signature = export_generator(config, variables['generator'],
                                          batch_size, size, platforms,
                                          precision)
     signature['source'] = os.path.basename(os.path.abspath(source))
     signature['step'] = step
-    _write_atomic(os.path.join(output, EXPORT_FILE), module)
-    _write_atomic(os.path.join(output, SIGNATURE_FILE),
+  with model_io.model_writer(output, overwrite=overwrite,
+                             protect=(source,)) as tmp:
+    model_io.write_model(tmp, config, variables)
+    if classes is not None:
+      model_io.save_classes(tmp, classes['names'], classes['colors'])
+    if module is not None:
+      _write_file(os.path.join(tmp, EXPORT_FILE), module)
+      _write_file(os.path.join(tmp, SIGNATURE_FILE),
                   json.dumps(signature, indent=1).encode())
   logging.info('Exported %s%s to %s', source,
                '' if step is None else f' (step {step})', output)
@@ -404,6 +417,9 @@ def define_flags() -> None:
                     'highest = float32 everywhere; default lets GPUs use TF32 '
                     '(faster, some pixels differ).')
   flags.DEFINE_bool('jax_export', True, 'Also write the jax.export module.')
+  flags.DEFINE_bool('overwrite', False,
+                    'Replace --output when it is a model folder written by '
+                    'spade_jax (never the source, nor a folder holding it).')
 
 
 def main(argv):
@@ -414,17 +430,22 @@ def main(argv):
   if FLAGS.batch_size < 1:
     raise app.UsageError('--batch_size must be positive.')
   source = FLAGS.workdir or FLAGS.model
-  size = None
-  if FLAGS.height or FLAGS.width:
-    config = (model_io.load_config(source) if is_model_folder(source)
-              else workdir_config(source))
-    out_h, out_w = models.output_size(config)
-    size = (FLAGS.height or out_h, FLAGS.width or out_w)
-  config = export(source, FLAGS.output, step=FLAGS.step,
-                  use_ema=FLAGS.use_ema, batch_size=FLAGS.batch_size,
-                  size=size, platforms=FLAGS.platforms,
-                  precision=FLAGS.matmul_precision,
-                  with_jax_export=FLAGS.jax_export)
+  try:
+    size = None
+    if FLAGS.height or FLAGS.width:
+      config = (model_io.load_config(source) if is_model_folder(source)
+                else workdir_config(source))
+      out_h, out_w = models.output_size(config)
+      size = (FLAGS.height or out_h, FLAGS.width or out_w)
+    config = export(source, FLAGS.output, step=FLAGS.step,
+                    use_ema=FLAGS.use_ema, batch_size=FLAGS.batch_size,
+                    size=size, platforms=FLAGS.platforms,
+                    precision=FLAGS.matmul_precision,
+                    with_jax_export=FLAGS.jax_export,
+                    overwrite=FLAGS.overwrite)
+  except (OSError, ValueError) as e:  # Named files, what to do.
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(2)
   print(f'Wrote {FLAGS.output} (netG={config.netG}, label_nc='
         f'{config.label_nc}, image {models.output_size(config)}).')
 

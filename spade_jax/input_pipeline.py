@@ -31,6 +31,15 @@ Order and randomness are functions of (config.seed, step) alone:
   are not read at all and the skipped part of the current one is only read as
   bytes, never decoded.
 
+Records are checked as they are read, and a bad one stops reading with an
+error naming its shard (and record), or with `config.skip_bad_records` is
+skipped, logged and counted (`BadRecordCounter`): an undecodable image or
+map, label ids outside the set's range, a shard whose last record is cut off,
+shards holding another number of records than dataset_info.json says (only
+the records' 12-byte frame headers are read for that, at start). A record
+frame whose checksum fails (TensorFlow's DataLossError, which names no file)
+is re-raised by `numpy_batches` naming the shard.
+
 Preprocessing follows the reference (`data/base_dataset.py`) with these
 documented choices:
 * `none` keeps the native size (the reference rounds to multiples of 32 with a
@@ -45,8 +54,10 @@ documented choices:
   the short side unchanged by mistake and only rescales the long side).
 """
 import dataclasses
+import re
 import threading
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+import weakref
 
 from absl import logging
 import jax
@@ -84,9 +95,10 @@ class BadRecordCounter:
     self._count = 0
     self.file_names = []
 
-  def add(self, file_name: str) -> None:
+  def add(self, file_name: str, count: int = 1) -> None:
+    """Counts `count` skipped records; `file_name` names them."""
     with self._lock:
-      self._count += 1
+      self._count += count
       self.file_names.append(file_name)
 
   @property
@@ -394,6 +406,29 @@ class _ExampleSpec:
   seed: int
   skip_bad_records: bool
 
+  @property
+  def num_classes(self) -> int:
+    """Model class ids: 0..label_nc-1, then label_nc for don't-care."""
+    return self.label_nc + int(self.contain_dontcare_label)
+
+  def label_range(self) -> str:
+    """The raw label values this set allows, in words."""
+    if self.dataset == 'ade20k':
+      text = f'0..{self.label_nc} (ade20k, label_nc={self.label_nc})'
+    else:
+      text = f'0..{self.label_nc - 1} (label_nc={self.label_nc})'
+    if self.contain_dontcare_label:
+      text += f" and {_DONTCARE_VALUE} (don't-care)"
+    return text
+
+
+def _bad_label_id(raw: tf.Tensor, spec: _ExampleSpec) -> tf.Tensor:
+  """The largest raw label value outside the set's range, or -1 (int32)."""
+  label = map_labels(raw, dataset=spec.dataset, label_nc=spec.label_nc,
+                     contain_dontcare_label=spec.contain_dontcare_label)
+  bad = tf.logical_or(label < 0, label >= spec.num_classes)
+  return tf.reduce_max(tf.where(bad, tf.cast(raw, tf.int32), -1))
+
 
 def _decode_fields(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
                    ) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
@@ -406,6 +441,10 @@ def _decode_fields(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
   checks = [tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(v), size)),
                                 [f'{k} size differs from the image size'])
             for k, v in maps.items()]
+  # Ids outside the set's classes would index past the one-hot encoding.
+  checks.append(tf.debugging.Assert(
+      _bad_label_id(maps['label'], spec) < 0,
+      [f'label ids outside {spec.label_range()}']))
   with tf.control_dependencies(checks):
     image = tf.identity(image)
   return image, maps
@@ -453,6 +492,13 @@ def _describe_failure(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
   if spec.use_instance:
     parts.append(tf.where(_decodes(fields['instance'], decode_map_png), '',
                           'instance undecodable or not a gray PNG; '))
+  bad_id = tf.data.Dataset.from_tensors(fields['label']).map(
+      _no_autograph(lambda d: _bad_label_id(decode_map_png(d), spec))
+  ).ignore_errors().reduce(tf.constant(-1),
+                           _no_autograph(lambda _, x: x))
+  parts.append(tf.where(bad_id >= 0, tf.strings.join([
+      'label id ', tf.strings.as_string(bad_id), ' outside the set\'s '
+      f'range {spec.label_range()}; ']), ''))
   reason = tf.strings.join(parts)
   return tf.where(tf.equal(reason, ''),
                   'image, label and instance sizes differ', reason)
@@ -536,13 +582,18 @@ def _make_example_fn(spec: _ExampleSpec, counter: BadRecordCounter):
 # Record streams.
 
 
-def _read_shards(paths: tf.Tensor, cycle_length: int) -> tf.data.Dataset:
-  """(shard path, serialized record) pairs, interleaved record by record."""
-  def read(path):
-    return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).map(
-        _no_autograph(lambda r: (path, r)))
+def _read_shards(paths: tf.Tensor, counts: tf.Tensor, cycle_length: int
+                 ) -> tf.data.Dataset:
+  """(shard path, serialized record) pairs, interleaved record by record.
 
-  return tf.data.Dataset.from_tensor_slices(paths).interleave(
+  Each shard yields its first `counts` records (all its complete ones: a
+  cut-off last record is not read).
+  """
+  def read(path, count):
+    return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).take(
+        count).map(_no_autograph(lambda r: (path, r)))
+
+  return tf.data.Dataset.from_tensor_slices((paths, counts)).interleave(
       _no_autograph(read),
       cycle_length=cycle_length, block_length=1,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -559,15 +610,17 @@ def _epoch_seeds(seed: int, epoch: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   return order_seed, buffer_seed
 
 
-def _train_epoch(paths: Tuple[str, ...], seed: int, shuffle_buffer: int):
+def _train_epoch(paths: Tuple[str, ...], counts: Tuple[int, ...], seed: int,
+                 shuffle_buffer: int):
   """Returns epoch -> shuffled (shard, record, valid) stream of that epoch."""
 
   def epoch_records(epoch):
     order_seed, buffer_seed = _epoch_seeds(seed, epoch)
     order = tf.argsort(tf.random.stateless_uniform([len(paths)],
                                                    seed=order_seed))
-    shuffled_paths = tf.gather(tf.constant(paths), order)
-    ds = _read_shards(shuffled_paths, min(len(paths), _MAX_INTERLEAVE))
+    ds = _read_shards(tf.gather(tf.constant(paths), order),
+                      tf.gather(tf.constant(counts, tf.int64), order),
+                      min(len(paths), _MAX_INTERLEAVE))
     if shuffle_buffer > 1:
       ds = ds.shuffle(shuffle_buffer, seed=buffer_seed,
                       reshuffle_each_iteration=False)
@@ -576,7 +629,8 @@ def _train_epoch(paths: Tuple[str, ...], seed: int, shuffle_buffer: int):
   return _no_autograph(epoch_records)
 
 
-def _record_stream(paths: Tuple[str, ...], num_examples: int,
+def _record_stream(paths: Tuple[str, ...], counts: Tuple[int, ...],
+                   num_examples: int,
                    global_batch: int, *, train: bool, seed: int,
                    shuffle_buffer: int, start_step: int,
                    num_epochs: Optional[int]) -> tf.data.Dataset:
@@ -586,10 +640,11 @@ def _record_stream(paths: Tuple[str, ...], num_examples: int,
     start_epoch, offset = divmod(start, num_examples)
     end_epoch = 2**62 if num_epochs is None else num_epochs
     ds = tf.data.Dataset.range(start_epoch, end_epoch).flat_map(
-        _train_epoch(paths, seed, shuffle_buffer))
+        _train_epoch(paths, counts, seed, shuffle_buffer))
     ds = ds.skip(offset)
   else:
-    one_pass = _read_shards(tf.constant(paths), 1)
+    one_pass = _read_shards(tf.constant(paths),
+                            tf.constant(counts, tf.int64), 1)
     ds = one_pass.map(_no_autograph(lambda p, r: (p, r, tf.constant(True))))
     pad = -num_examples % global_batch
     if pad:
@@ -696,8 +751,15 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
   missing = [p for p in paths if not tf.io.gfile.exists(p)]
   if missing:
     raise FileNotFoundError(f'Missing shards of split {split!r}: {missing}')
+  counter = bad_records or BAD_RECORDS
+  counts = _check_shards(paths, num_examples, split, data_dir,
+                         spec.skip_bad_records, counter)
+  num_examples = sum(counts)
+  if num_examples <= 0:
+    raise ValueError(f'Split {split!r} of {data_dir} holds no readable '
+                     'record.')
 
-  ds = _record_stream(paths, num_examples, batch_size, train=train,
+  ds = _record_stream(paths, counts, num_examples, batch_size, train=train,
                       seed=int(config.seed),
                       shuffle_buffer=int(config.shuffle_buffer_size),
                       start_step=int(start_step), num_epochs=num_epochs)
@@ -705,7 +767,7 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
     # Keep this process's contiguous slice of every global batch.
     ds = ds.filter(_no_autograph(lambda g, _: tf.equal(
         (g % batch_size) // local_batch, process_index)))
-  ds = ds.map(_make_example_fn(spec, bad_records or BAD_RECORDS),
+  ds = ds.map(_make_example_fn(spec, counter),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if spec.skip_bad_records:
     ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
@@ -718,13 +780,113 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
                    else tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
-  return ds.with_options(options)
+  ds = ds.with_options(options)
+  _SHARDS_READ[ds] = paths
+  return ds
 
 
 def numpy_batches(dataset: tf.data.Dataset) -> Iterator[Dict[str, Any]]:
-  """Yields the batches of a dataset from `create_split` as numpy arrays."""
-  for batch in dataset.as_numpy_iterator():
+  """Yields the batches of a dataset from `create_split` as numpy arrays.
+
+  A damaged record frame (TensorFlow's DataLossError, which names no file)
+  is re-raised as a DataLossError that names the shard holding it.
+  """
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.DataLossError as e:
+      raise _naming_the_shard(e, _SHARDS_READ.get(dataset, ())) from None
     yield batch
+
+
+# The shards each dataset of `create_split` reads (for numpy_batches' errors).
+_SHARDS_READ = weakref.WeakKeyDictionary()
+
+
+def _check_shards(paths: Sequence[str], num_examples: int, split: str,
+                  data_dir: str, skip_bad_records: bool,
+                  counter: BadRecordCounter) -> Tuple[int, ...]:
+  """Complete records per shard, checked against dataset_info.json.
+
+  Only the record frames' headers are read (`records.scan_shard`). A shard
+  whose last record is cut off, or shards holding another number of records
+  than dataset_info.json says, are errors naming the shards; with
+  skip_bad_records they are logged, the cut-off and missing records counted
+  as skipped, and what is there is read.
+  """
+  scans = [records.scan_shard(p) for p in paths]
+  how = ('Rebuild the data set (python -m data_pipelines.build) or restore '
+         'the file from a copy, or set config.skip_bad_records=True to read '
+         'the complete records.')
+  for path, scan in zip(paths, scans):
+    if scan.truncated_at is None:
+      continue
+    message = (f'Shard {path} ends in a cut-off record (at byte '
+               f'{scan.truncated_at} of {scan.size}, after '
+               f'{scan.num_records} complete records): the file is '
+               'truncated.')
+    if not skip_bad_records:
+      raise tf.errors.DataLossError(None, None, f'{message} {how}')
+    logging.warning('%s Skipping the cut-off record (skip_bad_records).',
+                    message)
+    counter.add(f'{path}: cut-off record at byte {scan.truncated_at}')
+  counts = tuple(scan.num_records for scan in scans)
+  if sum(counts) != num_examples:
+    built = records.shard_sizes(num_examples, len(paths))
+    detail = ', '.join(f'{p} holds {c}' + (f' (a build writes {b})'
+                                           if c != b else '')
+                       for p, c, b in zip(paths, counts, built))
+    message = (f'Split {split!r} of {data_dir}: {records.INFO_FILE} says '
+               f'{num_examples} records, its shards hold {sum(counts)}: '
+               f'{detail}.')
+    if not skip_bad_records:
+      raise ValueError(
+          f'{message} The data set is incomplete or was changed after it was '
+          'built: rebuild it (python -m data_pipelines.build), or set '
+          'config.skip_bad_records=True to read the records that are there.')
+    logging.warning('%s Reading the %d records there (skip_bad_records).',
+                    message, sum(counts))
+    cut_off = sum(scan.truncated_at is not None for scan in scans)
+    missing = num_examples - sum(counts) - cut_off  # Cut-offs are counted.
+    if missing > 0:
+      counter.add(f'{split}: {missing} missing record(s)', missing)
+  return counts
+
+
+def _damaged_shard(paths: Sequence[str], offset: Optional[int]
+                   ) -> Optional[str]:
+  """The first shard whose records do not all read (CRCs checked)."""
+  def may_hold(path):  # TF names a record's start or its data's (+12).
+    starts = set(records.scan_shard(path).offsets)
+    return offset is None or offset in starts or offset - 12 in starts
+  candidates = [p for p in paths if may_hold(p)] or list(paths)
+  for path in candidates:
+    try:
+      for _ in tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER):
+        pass
+    except tf.errors.DataLossError:
+      return path
+  return None
+
+
+def _naming_the_shard(error: tf.errors.DataLossError,
+                      paths: Sequence[str]) -> tf.errors.DataLossError:
+  """The same error, its message naming the damaged shard when found."""
+  text = error.message or str(error)
+  found = re.search(r'(corrupted|truncated) record at (\d+)', text)
+  offset = int(found.group(2)) if found else None
+  path = _damaged_shard(paths, offset) if paths else None
+  where = f'shard {path}' if path else 'one of the shards ' + ', '.join(paths)
+  what = found.group(0) if found else text.strip().splitlines()[0]
+  return tf.errors.DataLossError(
+      error.node_def, error.op,
+      f'Damaged record frame in {where} ({what}): the file is corrupt (its '
+      'checksums do not match), so the records after it cannot be found '
+      '(skip_bad_records cannot skip this). Rebuild the data set (python -m '
+      'data_pipelines.build) or restore the file from a copy.')
 
 
 def steps_per_epoch(data_dir: str, split: str, batch_size: int) -> int:

@@ -14,6 +14,8 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from spade_jax import checkpoints
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints and TensorBoard.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
@@ -57,13 +59,16 @@ def main(argv):
                jax.devices()[0].device_kind)
   if FLAGS.mode == 'train':
     from spade_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except checkpoints.CheckpointError as e:  # Names the folders.
+      sys.exit(f'ERROR: {e}')
   else:
     from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
     try:
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-    except FileNotFoundError as e:  # Missing weights or checkpoints.
-      sys.exit(f'ERROR: {e}')
+    except (FileNotFoundError, checkpoints.CheckpointError) as e:
+      sys.exit(f'ERROR: {e}')  # Missing weights, unreadable checkpoints.
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from data_pipelines import records
+from spade_jax import checkpoints
 from spade_jax import input_pipeline
 from spade_jax import layers
 from spade_jax import losses
@@ -451,11 +452,37 @@ def save_checkpoint(mngr, state: TrainState, config) -> None:
   logging.info('Saved checkpoint at step %d', step)
 
 
-def restore_checkpoint(mngr, state: TrainState, config) -> TrainState:
-  step = mngr.latest_step()
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+def restore_checkpoint(mngr, state: TrainState, config,
+                       mesh: Optional[jax.sharding.Mesh] = None, *,
+                       set_aside_damaged: bool = False) -> TrainState:
+  """The newest readable checkpoint, replicated over `mesh`'s devices.
+
+  The target sharding is this run's (default: `make_mesh(config)`), not the
+  one saved with the checkpoint, so a run resumes on any number of devices
+  and processes. Damaged newer steps are skipped with a warning naming
+  their folders (see `checkpoints.restore_newest`); with
+  `set_aside_damaged` (training) they are moved to
+  WORKDIR/damaged_checkpoints/ so that training can write those steps again.
+  """
+  replicated = jax.sharding.NamedSharding(
+      mesh if mesh is not None else make_mesh(config),
+      jax.sharding.PartitionSpec())
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state)
+  restored, step, damaged = checkpoints.restore_newest(
+      mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=ocp.args.JsonRestore())))
+  if damaged and set_aside_damaged:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoint restored')
+    if jax.process_index() == 0:
+      checkpoints.set_aside(mngr, damaged)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+      if jax.process_index() > 0:
+        mngr.reload()
   meta = restored['data']
   if meta['global_batch_size'] != config.batch_size:
     raise ValueError(
@@ -536,7 +563,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                              tx_d)
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
-    state = restore_checkpoint(mngr, state, config)
+    state = restore_checkpoint(mngr, state, config, mesh,
+                               set_aside_damaged=True)
   elif config.init_from:
     state = apply_init_from(state, config, tx_g, tx_d)
   if jax.process_index() == 0:
