@@ -23,7 +23,6 @@ refused.
 """
 import json
 import os
-import pickle
 import re
 import sys
 from typing import Dict, Optional, Tuple
@@ -39,6 +38,7 @@ from configs import default as default_config
 from spade_jax import export
 from spade_jax import model_io
 from spade_jax import models
+from spade_jax import torch_weights
 
 # Reference options that map onto our config, by the same name.
 MODEL_OPTIONS = (
@@ -308,48 +308,9 @@ def check_against_template(variables, template, what: str) -> None:
 def load_torch_state(path: str) -> Dict[str, np.ndarray]:
   """Reads a reference `.pth` state dict with torch.load(weights_only=True)."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        'Reading reference .pth checkpoints needs PyTorch: '
-        "pip install 'spade_jax[torch]'") from e
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise ConversionError(_refusal_message(path, str(e))) from None
-  except Exception as e:  # pylint: disable=broad-except
-    # Not a checkpoint, or a damaged one: zip errors (RuntimeError),
-    # truncated pickles (EOFError, KeyError), ...
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    if 'weights_only' in detail:
-      detail = ''
-    raise ConversionError(
-        f'Cannot read {path}: it is not a PyTorch checkpoint, or it is '
-        f'damaged or truncated ({type(e).__name__}{": " if detail else ""}'
-        f'{detail[:300]}). Copy it again from its source.') from None
-  if not isinstance(state, dict):
-    raise ConversionError(f'{path} does not hold a state dict.')
-  return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def _refusal_message(path: str, torch_message: str) -> str:
-  """Our message for a .pth that torch's weights-only unpickler refused.
-
-  Torch's own message advises loading with weights_only=False, which runs
-  whatever code the file names: it is not repeated.
-  """
-  advice = ('Reference SPADE checkpoints are plain state dicts of tensors, '
-            'which load. Take the checkpoint from its original source; only '
-            'if you trust where this file comes from, re-save its tensors as '
-            'a plain state dict in PyTorch and convert that.')
-  found = re.search(r'GLOBAL ([\w.]+)', torch_message)
-  if found:
-    return (f'{path} was refused: it holds Python objects other than '
-            f'tensors (it names {found.group(1)}), and loading those could '
-            f'run arbitrary code. {advice}')
-  return (f'{path} was refused: the safe (weights-only) loader cannot read '
-          'it. It is damaged, not a PyTorch checkpoint, or it holds Python '
-          f'objects other than tensors, which could run code. {advice}')
+    return torch_weights.read_state_dict(path)
+  except torch_weights.WeightsFileError as e:
+    raise ConversionError(str(e)) from None
 
 
 def init_templates(config, crop_hw=None):

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax import torch_weights
+
 WEIGHTS_FILE_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
                f'fid_weights/{WEIGHTS_FILE_NAME}')
@@ -334,35 +336,6 @@ def state_dict_from_variables(variables: Mapping[str, Any]
   return out
 
 
-def _read_torch(path: str) -> Dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f'Reading the PyTorch weights file {path} needs torch, which is not '
-        'installed: `pip install "spade_jax[torch]"`, or convert the file to '
-        '.npz once where torch is installed: `python -m spade_jax.inception '
-        'IN.pth OUT.npz`.') from e
-  try:
-    loaded = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'Could not read {path} as a PyTorch state dict ({e}). '
-                     + HOW_TO_GET) from e
-  if not isinstance(loaded, Mapping):
-    raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state '
-                     'dict. ' + HOW_TO_GET)
-  return {k: v.detach().cpu().float().numpy() for k, v in loaded.items()
-          if isinstance(v, torch.Tensor) and v.is_floating_point()}
-
-
-def _read_npz(path: str) -> Dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'Could not read {path} as an .npz file ({e}).') from e
-
-
 def load_inception_params(path: str) -> Dict:
   """Loads the FID Inception weights from the pytorch-fid `.pth` or an `.npz`.
 
@@ -386,11 +359,11 @@ def load_inception_params(path: str) -> Dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Inception weights file not found: {path!r}. '
                             + HOW_TO_GET)
-  if path.lower().endswith('.npz'):
-    state_dict = _read_npz(path)
-  else:
-    state_dict = _read_torch(path)
-  return variables_from_state_dict(state_dict)
+  state_dict = torch_weights.read_state_dict(path, HOW_TO_GET, npz_hint=(
+      ', or convert the file to .npz once where torch is installed: '
+      '`python -m spade_jax.inception IN.pth OUT.npz`'))
+  return variables_from_state_dict(
+      {k: v for k, v in state_dict.items() if v.dtype.kind == 'f'})
 
 
 def save_inception_npz(variables: Mapping[str, Any], path: str) -> None:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spade_jax import torch_weights
+
 # One entry per conv layer used, in order: torchvision `features` index, input
 # channels, output channels, and whether a 2x2 max-pool comes right before it.
 VGG19_CONVS: Tuple[Tuple[int, int, int, bool], ...] = (
@@ -164,38 +166,6 @@ def state_dict_from_params(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   return out
 
 
-def _read_torch_state_dict(path: str) -> Mapping[str, Any]:
-  """Reads a torch state-dict file into numpy arrays (torch imported lazily)."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f'Reading the PyTorch weights file {path} needs torch, which is not '
-        'installed: `pip install "spade_jax[torch]"` (or `pip install torch`), '
-        'or convert the file to .npz once on a machine with torch: '
-        '`python -m spade_jax.vgg IN.pth OUT.npz`.') from e
-  try:
-    loaded = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
-        f'Could not read {path} as a PyTorch state dict ({e}). '
-        + _HOW_TO_GET) from e
-  if not isinstance(loaded, Mapping):
-    raise ValueError(
-        f'{path} holds a {type(loaded).__name__}, not a state dict. '
-        + _HOW_TO_GET)
-  return {k: v.detach().cpu().float().numpy() for k, v in loaded.items()
-          if isinstance(v, torch.Tensor)}
-
-
-def _read_npz(path: str) -> Mapping[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'Could not read {path} as an .npz file ({e}).') from e
-
-
 def load_vgg19_params(path: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
   """Loads VGG19 weights for `VGG19` from a torchvision `.pth` or an `.npz`.
 
@@ -218,11 +188,10 @@ def load_vgg19_params(path: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f'VGG19 weights file not found: {path!r}. '
                             + _HOW_TO_GET)
-  if path.lower().endswith('.npz'):
-    state_dict = _read_npz(path)
-  else:
-    state_dict = _read_torch_state_dict(path)
-  return params_from_state_dict(state_dict)
+  return params_from_state_dict(torch_weights.read_state_dict(
+      path, _HOW_TO_GET, npz_hint=(
+          ', or convert the file to .npz once on a machine with torch: '
+          '`python -m spade_jax.vgg IN.pth OUT.npz`')))
 
 
 def save_vgg19_npz(params: Mapping[str, Any], path: str) -> None:
