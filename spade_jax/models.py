@@ -8,7 +8,7 @@ Generators take integer class ids (N, H, W) and, unless `no_instance`, instance
 edges (N, H, W); the one-hot semantic map is built on the device.
 """
 import functools
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,14 @@ from spade_jax import layers
 
 Dtype = Any
 _NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
+# The boundary-sparse SPADE path's capacity (the share of a batch's pixels
+# given the dense convolution) by resolution: (min shorter side, fraction),
+# first match. Chosen from COCO-Stuff label maps with their instance edges
+# (the sample's 21 images, resize_and_crop to 256 and 128): the share of
+# non-uniform pixels (`layers.uniform_mask`) was mean 0.21 / max 0.39 at
+# 256x256, mean 0.33-0.36 / max 0.57-0.62 at 128x128, mean 0.51 / max 0.79
+# at 64x64 and 0.73 / 0.97 at 32x32; a batch above the capacity runs dense.
+SPARSE_CAPACITY = ((256, 0.4), (128, 0.62), (64, 0.8))
 
 
 def semantic_nc(config) -> int:
@@ -72,8 +80,26 @@ class SPADEGenerator(nn.Module):
   label_lookup: bool = True
   fuse_shared: bool = False
   fuse_gamma_beta: bool = False
+  # The boundary-sparse SPADE modulation (layers.boundary_sparse_conv) at
+  # the resolutions whose shorter side is >= sparse_min_size; its capacity
+  # there is the fraction of the first `sparse_capacity` entry
+  # (min_side, fraction) with min_side <= the shorter side.
+  sparse: bool = False
+  sparse_capacity: Tuple[Tuple[int, float], ...] = None
+  sparse_min_size: int = 128
+  sparse_fallback: bool = True  # False: only to count FLOPs (layers.SPADE).
   conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
+
+  def sparse_fraction(self, size) -> Optional[float]:
+    """The sparse path's capacity at a resolution; None: dense there."""
+    side = min(size)
+    if not self.sparse or side < self.sparse_min_size:
+      return None
+    for min_side, fraction in self.sparse_capacity or SPARSE_CAPACITY:
+      if side >= min_side:
+        return fraction
+    return None
 
   @nn.compact
   def __call__(self, label, edges=None, z=None, train: bool = False):
@@ -111,10 +137,16 @@ class SPADEGenerator(nn.Module):
     block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
                               fuse_shared=self.fuse_shared,
                               fuse_gamma_beta=self.fuse_gamma_beta,
+                              sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
 
     def run(name, features, x):
-      return block(features, name=name)(x, seg_at(x.shape[1:3]), train)
+      size = x.shape[1:3]
+      fraction = self.sparse_fraction(size)
+      # The sparse path needs the class ids (it uses the label lookup).
+      seg = seg_at(size, one_hot=not (self.label_lookup or fraction))
+      return block(features, sparse_fraction=fraction, name=name)(x, seg,
+                                                                  train)
 
     x = run('head_0', 16 * nf, x)
     x = layers.upsample2x(x)
@@ -296,6 +328,31 @@ def label_lookup(config) -> bool:
   return jax.default_backend() == 'cpu' if value is None else bool(value)
 
 
+def spade_sparse(config) -> bool:
+  """config.spade_sparse; unset (None): off on every backend for now.
+
+  The boundary-sparse path cuts the FLOPs (docs/performance.md); it stays
+  off by default until its wall time is measured on a quiet machine.
+  """
+  value = config.get('spade_sparse', None)
+  return False if value is None else bool(value)
+
+
+def spade_sparse_capacity(config) -> Optional[Tuple[Tuple[int, float], ...]]:
+  """config.spade_sparse_capacity as the generator's table (None: measured).
+
+  A float in (0, 1) is the capacity at every resolution the path runs at.
+  """
+  value = config.get('spade_sparse_capacity', None)
+  if value is None:
+    return None
+  if not 0 < value < 1:
+    raise ValueError(f'spade_sparse_capacity={value!r}: expected a share of '
+                     'the pixels in (0, 1), e.g. 0.4, or unset for the '
+                     'measured per-resolution table.')
+  return ((0, float(value)),)
+
+
 def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
   """The generator `config.netG` names, from reference option names."""
   common = dict(num_classes=num_classes(config),
@@ -310,6 +367,10 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
         label_lookup=label_lookup(config),
         fuse_shared=config.get('spade_fuse_shared', False),
         fuse_gamma_beta=config.get('spade_fuse_gamma_beta', False),
+        sparse=spade_sparse(config),
+        sparse_capacity=spade_sparse_capacity(config),
+        sparse_min_size=config.get('spade_sparse_min_size', 128),
+        sparse_fallback=config.get('spade_sparse_fallback', True),
         **common)
   if config.netG == 'pix2pixhd':
     layers.parse_plain_norm(config.norm_G)
