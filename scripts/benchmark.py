@@ -269,7 +269,8 @@ def label_statistics(config, batch: Dict[str, Any],
       jnp.asarray(batch['label']),
       None if config.no_instance else jnp.asarray(batch['instance_edges']),
       models.num_classes(config))
-  kernel_size = layers.parse_spade_norm(config.norm_G)[1]
+  kernel_size = (layers.parse_spade_norm(config.norm_G)[1]
+                 if config.netG == 'spade' else 3)
   h, w = models.output_size(config)
   pixel, tiles = {}, {}
   while min(h, w) >= 8:

@@ -318,7 +318,7 @@ def patches_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
 
 
 def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
-               padding: int) -> jnp.ndarray:
+               padding: int, strides: int = 1) -> jnp.ndarray:
   """conv2d(seg.one_hot(), kernel) + bias without building the one-hot.
 
   A one-hot pixel of class c picks row c of the kernel, so offset (dy, dx)
@@ -335,21 +335,115 @@ def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
   SPADE block backward ran 1.8x slower).
   """
   kh, kw, _, cout = kernel.shape
-  nc, p = seg.num_classes, padding
-  label = seg.label
-  ids = jnp.where((label >= 0) & (label < nc), label, nc).astype(jnp.int32)
-  ids = jnp.pad(ids, ((0, 0), (p, p), (p, p)), constant_values=nc)
-  ho, wo = ids.shape[1] - kh + 1, ids.shape[2] - kw + 1
+  nc, p, s = seg.num_classes, padding, strides
+  ids = jnp.pad(label_ids(seg), ((0, 0), (p, p), (p, p)), constant_values=nc)
+  ho, wo = (ids.shape[1] - kh) // s + 1, (ids.shape[2] - kw) // s + 1
   kernel = kernel.astype(jnp.float32)
-  table = jnp.concatenate(
-      [kernel[:, :, :nc], jnp.zeros((kh, kw, 1, cout), jnp.float32)], axis=2)
-  table = table.reshape(kh * kw * (nc + 1), cout)
-  rows = jnp.stack([ids[:, i:i + ho, j:j + wo] + (i * kw + j) * (nc + 1)
+  table = _offset_major_table(kernel[:, :, :nc])
+  rows = jnp.stack([ids[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+                    + (i * kw + j) * (nc + 1)
                     for i in range(kh) for j in range(kw)], axis=-1)
   y = jnp.take(table, rows, axis=0).sum(axis=-2) + bias.astype(jnp.float32)
   if seg.edges is not None:
     edges = seg.edges[..., None].astype(jnp.float32)
-    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], 1, p)
+    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], s, p)
+  return y
+
+
+def _offset_major_table(class_kernel: jnp.ndarray) -> jnp.ndarray:
+  """(kh, kw, nc, cout) -> (kh * kw * (nc + 1), cout) with zero rows appended.
+
+  Row (i * kw + j) * (nc + 1) + c is class_kernel[i, j, c]; row ... + nc is
+  zero (padding and ids outside the classes).
+  """
+  kh, kw, _, cout = class_kernel.shape
+  table = jnp.concatenate(
+      [class_kernel, jnp.zeros((kh, kw, 1, cout), class_kernel.dtype)], axis=2)
+  return table.reshape(-1, cout)
+
+
+@flax.struct.dataclass
+class PooledLabelMap:
+  """A label map's one-hot after `avg_pool_3x3_s2` (once or more), as ids.
+
+  Each pixel of the pooled one-hot is a weighted sum of the one-hot of M
+  source pixels: sum over m of weights[..., m] * one_hot(ids[..., m]), with
+  id num_classes for the zero padding and for ids outside the classes (as
+  `label_ids`). Pooling once gives M = 9 and weights 1 / (pixels inside the
+  window); each further pooling multiplies M by 9. The edges (one channel)
+  are pooled densely. What the discriminator's first convolution takes at
+  its coarser scales (`pooled_label_conv`).
+  """
+  ids: jnp.ndarray  # (N, H, W, M) int32
+  weights: jnp.ndarray  # (1, H, W, M) float32
+  edges: Optional[jnp.ndarray]  # (N, H, W) pooled edges, or None
+  num_classes: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def channels(self) -> int:
+    return self.num_classes + (0 if self.edges is None else 1)
+
+  @classmethod
+  def of(cls, seg: LabelMap) -> 'PooledLabelMap':
+    """The unpooled map (M = 1, weight 1)."""
+    ids = label_ids(seg)[..., None]
+    return cls(ids, jnp.ones((1,) + ids.shape[1:], jnp.float32), seg.edges,
+               seg.num_classes)
+
+  def pool(self) -> 'PooledLabelMap':
+    """avg_pool_3x3_s2 (count_include_pad=False) of the one-hot it stands for."""
+    n, h, w, m = self.ids.shape
+    nc = self.num_classes
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    ids = jnp.pad(self.ids, pad, constant_values=nc)
+    weights = jnp.pad(self.weights, pad)
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    window = lambda a, i, j: a[:, i:i + 2 * (ho - 1) + 1:2,
+                               j:j + 2 * (wo - 1) + 1:2]
+    offsets = [(i, j) for i in range(3) for j in range(3)]
+    ids = jnp.concatenate([window(ids, i, j) for i, j in offsets], axis=-1)
+    weights = jnp.concatenate([window(weights, i, j) for i, j in offsets],
+                              axis=-1)
+    inside = lambda size, out: (np.minimum(2 * np.arange(out) + 1, size - 1) -
+                                np.maximum(2 * np.arange(out) - 1, 0) + 1)
+    count = np.outer(inside(h, ho), inside(w, wo))  # Pixels in each window.
+    weights = weights / jnp.asarray(count, jnp.float32)[None, :, :, None]
+    edges = (None if self.edges is None
+             else avg_pool_3x3_s2(self.edges[..., None])[..., 0])
+    return PooledLabelMap(ids, weights, edges, nc)
+
+
+def pooled_label_conv(seg: PooledLabelMap, kernel: jnp.ndarray,
+                      bias: jnp.ndarray, padding: int,
+                      strides: int = 1) -> jnp.ndarray:
+  """conv2d(the pooled one-hot, kernel) + bias without building it.
+
+  Offset (dy, dx) at an output pixel contributes sum over m of
+  weights[m] * kernel[dy, dx, ids[m]] of the shifted pooled pixel: one
+  gather of kh * kw * M kernel rows per output pixel, a weighted sum. The
+  edge channel is a 1-channel convolution. Float32; (N, H', W', cout).
+  """
+  kh, kw, _, cout = kernel.shape
+  nc, p, s = seg.num_classes, padding, strides
+  pad = ((0, 0), (p, p), (p, p), (0, 0))
+  ids = jnp.pad(seg.ids, pad, constant_values=nc)
+  weights = jnp.pad(seg.weights, pad)
+  ho, wo = (ids.shape[1] - kh) // s + 1, (ids.shape[2] - kw) // s + 1
+  window = lambda a, i, j: a[:, i:i + s * (ho - 1) + 1:s,
+                             j:j + s * (wo - 1) + 1:s]
+  kernel = kernel.astype(jnp.float32)
+  table = _offset_major_table(kernel[:, :, :nc])
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  rows = jnp.concatenate([window(ids, i, j) + (i * kw + j) * (nc + 1)
+                          for i, j in taps], axis=-1)
+  tap_weights = jnp.concatenate([window(weights, i, j) for i, j in taps],
+                                axis=-1)
+  # A product and a reduction XLA fuses with the gather (as in label_conv).
+  y = (jnp.take(table, rows, axis=0) * tap_weights[..., None]).sum(axis=-2)
+  y = y + bias.astype(jnp.float32)
+  if seg.edges is not None:
+    edges = seg.edges[..., None].astype(jnp.float32)
+    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], s, p)
   return y
 
 

@@ -224,10 +224,19 @@ class NLayerDiscriminator(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False) -> List[jnp.ndarray]:
+  def __call__(self, x, train: bool = False,
+               seg=None) -> List[jnp.ndarray]:
+    """x: the concatenated (semantics, image) input; or, with `seg` (a
+    `layers.LabelMap` or `layers.PooledLabelMap` of x's size), the image
+    alone, and the first convolution takes the semantic channels by lookup
+    (same parameters). seg's batch may divide x's: the label part is
+    computed once and repeated (x = [fake; real] with one label map)."""
     feats = []
-    x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype, impl=self.conv_impl,
-                    name='model0')(x)
+    if seg is None:
+      x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype,
+                      impl=self.conv_impl, name='model0')(x)
+    else:
+      x = self.first_conv_on_labels(x, seg)
     feats.append(_lrelu(x))
     nf = self.ndf
     for n in range(1, self.n_layers_D):
@@ -242,6 +251,25 @@ class NLayerDiscriminator(nn.Module):
     feats.append(x)
     return feats
 
+  def first_conv_on_labels(self, image, seg):
+    """model0 on concat(one-hot of seg, image), the one-hot never built."""
+    nsem = seg.channels
+    kernel, bias = layers.ConvWeights(self.ndf, 4, name='model0')(
+        nsem + image.shape[-1])
+    lookup = (layers.label_conv if isinstance(seg, layers.LabelMap)
+              else layers.pooled_label_conv)
+    y_sem = lookup(seg, kernel[:, :, :nsem], bias, 2, 2).astype(self.dtype)
+    reps, rest = divmod(image.shape[0], y_sem.shape[0])
+    if rest:
+      raise ValueError(f'The label maps ({y_sem.shape[0]}) do not divide the '
+                       f'image batch ({image.shape[0]}).')
+    if reps > 1:
+      y_sem = jnp.concatenate([y_sem] * reps, axis=0)
+    y_img = layers.conv2d(image.astype(self.dtype),
+                          kernel[:, :, nsem:].astype(self.dtype), 2, 2,
+                          self.conv_impl)
+    return y_sem + y_img
+
 
 class MultiscaleDiscriminator(nn.Module):
   """`num_D` PatchGANs on successively 2x average-pooled inputs."""
@@ -253,13 +281,30 @@ class MultiscaleDiscriminator(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False) -> List[List[jnp.ndarray]]:
+  def __call__(self, x, train: bool = False,
+               seg: Optional[layers.LabelMap] = None
+               ) -> List[List[jnp.ndarray]]:
+    """x: concat(one-hot semantics, image) on channels; or the image alone
+    and `seg`, the label map (its batch may divide x's), which every scale's
+    first convolution takes by lookup: the map itself at scale 0, its
+    average-pooled one-hot as ids and weights (`layers.PooledLabelMap`)
+    below. The same function and parameters either way."""
     outputs = []
     x = x.astype(self.dtype)
+    pooled = None
     for i in range(self.num_D):
+      if seg is None:
+        scale_seg = None
+      elif i == 0:
+        scale_seg = seg
+      else:
+        pooled = (layers.PooledLabelMap.of(seg) if pooled is None
+                  else pooled).pool()
+        scale_seg = pooled
       outputs.append(NLayerDiscriminator(self.ndf, self.n_layers_D, self.norm_D,
                                          self.dtype, self.conv_impl,
-                                         name=f'discriminator_{i}')(x, train))
+                                         name=f'discriminator_{i}')(
+                                             x, train, scale_seg))
       if i + 1 < self.num_D:
         x = layers.avg_pool_3x3_s2(x)
     return outputs
@@ -379,6 +424,24 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
         n_blocks=config.resnet_n_blocks, kernel_size=config.resnet_kernel_size,
         initial_kernel_size=config.resnet_initial_kernel_size, **common)
   raise ValueError(f"netG={config.netG!r}: expected 'spade' or 'pix2pixhd'.")
+
+
+def discriminator_inputs(config, label, edges, fake, image):
+  """(x, seg) for the discriminator on [fake; real] with the batch's labels.
+
+  With the label lookup (`label_lookup`) x is the images and seg the label
+  map, which the first convolutions take by lookup; else x is the
+  concatenated (one-hot semantics, image) input and seg None.
+  """
+  dtype = compute_dtype(config)
+  images = jnp.concatenate([fake.astype(dtype), image.astype(dtype)], axis=0)
+  edges = None if config.no_instance else edges
+  if label_lookup(config):
+    return images, layers.LabelMap(label, edges, num_classes(config))
+  semantics = layers.one_hot_semantics(label, edges, num_classes(config),
+                                       dtype)
+  return jnp.concatenate([jnp.concatenate([semantics] * 2, axis=0), images],
+                         axis=-1), None
 
 
 def make_discriminator(config) -> MultiscaleDiscriminator:
