@@ -324,3 +324,18 @@ def test_generator_sparse_equals_dense(upsampling, crop):
     got, got_state = run(sparse)
   assert_close(got, want, NET_RTOL)
   assert_trees_close(got_state, want_state, NET_RTOL)
+
+
+def test_bfloat16_sparse_spade_matches_dense_to_bf16_rounding():
+  rng = np.random.default_rng(7)
+  label, edges = label_map('instances', rng)
+  seg = labelmap(label, edges)
+  x = jnp.asarray(rng.normal(size=label.shape + (4,)), jnp.float32)
+  dense = layers.SPADE(4, norm_type='instance', dtype=jnp.bfloat16)
+  sparse = layers.SPADE(4, norm_type='instance', dtype=jnp.bfloat16,
+                        sparse_fraction=0.95)
+  variables = random_variables(dense, rng, x, seg)
+  want = dense.apply(variables, x, seg)
+  got = sparse.apply(variables, x, seg)
+  assert got.dtype == want.dtype
+  assert_close(got.astype(jnp.float32), want.astype(jnp.float32), 2e-2)
