@@ -69,6 +69,19 @@ def get_config():
   # measured slower on CPU and GPU.
   config.spade_fuse_shared = False
   config.spade_fuse_gamma_beta = False
+  # SPADE's mlp_gamma / mlp_beta exactly, boundary-sparse: per-class values
+  # where the 5x5 label neighbourhood is one class without edges, the dense
+  # conv on the gathered other pixels (dense for a batch with more than the
+  # capacity), at resolutions whose shorter side >= spade_sparse_min_size.
+  # None (unset): off (its FLOP saving awaits a quiet-machine timing).
+  config.spade_sparse = config_dict.placeholder(bool)
+  # Capacity as a share of a batch's pixels at every such resolution; None:
+  # the per-resolution table measured on COCO-Stuff (models.SPARSE_CAPACITY).
+  config.spade_sparse_capacity = config_dict.placeholder(float)
+  config.spade_sparse_min_size = 128
+  # False only to count the sparse branch's FLOPs (scripts/benchmark.py):
+  # without the dense fallback a batch over the capacity gives NaN.
+  config.spade_sparse_fallback = True
   # Convolution implementation: auto | xla | patches (patches times one
   # matrix product). auto: XLA's, plus a CPU workaround (layers.conv2d).
   config.conv_impl = 'auto'

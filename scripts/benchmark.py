@@ -13,9 +13,20 @@ Modes:
   input     the input pipeline alone (training split, training preprocessing):
             decoded, preprocessed batches per second as numpy arrays.
 
-train and generate feed random inputs of the config's shape (the time does not
-depend on the content) unless --config.data_dir is set, in which case the first
-training batch is used. Compilation is timed separately (`compile_s`, via
+train and generate run on real label maps with --config.data_dir (the first
+training batch of a data set built by `python -m data_pipelines.build`, e.g.
+the COCO-Stuff sample), else on random inputs of the config's shape (blocky
+8x8 labels). With the boundary-sparse SPADE path the time depends on the
+labels: every record reports the share of boundary pixels and of 8x8 tiles
+holding one that it saw at each SPADE resolution (`label_statistics`), and
+`flops_per_step_sparse_branch` (XLA counts a lax.cond's costlier branch, the
+dense fallback, in `flops_per_step`).
+
+  --variants=dense,sparse  compiles both and alternates their timed steps in
+                           one process (the same load for both); one record
+                           each, with `variant`.
+
+Compilation is timed separately (`compile_s`, via
 jit(...).lower().compile()), `warmup` untimed steps follow, then `steps` timed
 ones. FLOPs per step come from XLA's cost analysis of the compiled program.
 Peak memory is the device's `peak_bytes_in_use` where the backend reports it,
@@ -34,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -65,7 +76,8 @@ _CONFIG_KEYS = ('dataset', 'netG', 'label_nc', 'contain_dontcare_label',
                 'preprocess_mode', 'ngf', 'ndf', 'num_D', 'n_layers_D',
                 'norm_G', 'norm_D', 'use_vae', 'num_upsampling_layers',
                 'batch_size', 'num_devices', 'lambda_vgg', 'compute_dtype',
-                'spade_fuse_shared', 'spade_fuse_gamma_beta', 'conv_impl')
+                'spade_fuse_shared', 'spade_fuse_gamma_beta', 'conv_impl',
+                'spade_sparse_min_size')
 
 
 def define_flags() -> None:
@@ -82,6 +94,10 @@ def define_flags() -> None:
       'random_vgg_for_timing', False,
       'train mode with lambda_vgg > 0 and no config.vgg_weights: use randomly '
       'initialised VGG19 weights. Only for timing: the loss is meaningless.')
+  flags.DEFINE_list(
+      'variants', [], 'train / generate: compile each of these named config '
+      f'variants ({", ".join(VARIANTS)}) and time their steps in alternation '
+      'in this one process (one record each).')
   flags.DEFINE_string(
       'workdir', None, 'Where the synthetic data set is generated when '
       'config.data_dir is empty (input mode; default: a folder under the '
@@ -107,21 +123,32 @@ class Timings:
   cpu: List[float]
 
 
+def time_alternating(steps: Sequence[Callable[[], Any]], n: int,
+                     warmup: int) -> List[Timings]:
+  """Runs every step in turn, warmup + n rounds; the timed durations of each.
+
+  Variants timed this way in one process see the same machine load.
+  """
+  for _ in range(warmup):
+    for step in steps:
+      step()
+  timings = [Timings([], []) for _ in steps]
+  for _ in range(n):
+    for step, timing in zip(steps, timings):
+      start, start_cpu = time.perf_counter(), time.process_time()
+      step()
+      timing.wall.append(time.perf_counter() - start)
+      timing.cpu.append(time.process_time() - start_cpu)
+  return timings
+
+
 def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> Timings:
   """Runs `step` warmup + steps times; returns the timed durations.
 
   The process CPU time is kept beside the wall time: on a shared machine the
   wall time grows with other processes' load, the CPU time much less.
   """
-  for _ in range(warmup):
-    step()
-  timings = Timings([], [])
-  for _ in range(steps):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    step()
-    timings.wall.append(time.perf_counter() - start)
-    timings.cpu.append(time.process_time() - start_cpu)
-  return timings
+  return time_alternating([step], steps, warmup)[0]
 
 
 def summarize(timings: Timings, images_per_step: int) -> Dict[str, Any]:
@@ -228,12 +255,77 @@ def validate(config, options: Options) -> None:
   train.validate_config(checked)
 
 
+def label_statistics(config, batch: Dict[str, Any],
+                     tile: int = 8) -> Dict[str, Any]:
+  """Boundary shares of the batch's label maps at each SPADE resolution.
+
+  At each resolution the generator's SPADE layers run at (the label map
+  resized with the legacy nearest rule, as the generator does), the share of
+  pixels that are not uniform (`layers.uniform_mask`: their 5x5 neighbourhood
+  crosses a class or instance boundary or the image border), which the
+  boundary-sparse path computes densely, and the share of `tile` x `tile`
+  tiles holding such a pixel.
+  """
+  seg = layers.LabelMap(
+      jnp.asarray(batch['label']),
+      None if config.no_instance else jnp.asarray(batch['instance_edges']),
+      models.num_classes(config))
+  kernel_size = (layers.parse_spade_norm(config.norm_G)[1]
+                 if config.netG == 'spade' else 3)
+  h, w = models.output_size(config)
+  pixel, tiles = {}, {}
+  while min(h, w) >= 8:
+    boundary = ~np.asarray(layers.uniform_mask(seg.resize((h, w)),
+                                               kernel_size))
+    n = boundary.shape[0]
+    th, tw = -(-h // tile), -(-w // tile)
+    padded = np.zeros((n, th * tile, tw * tile), bool)
+    padded[:, :h, :w] = boundary
+    per_tile = padded.reshape(n, th, tile, tw, tile).any(axis=(2, 4))
+    key = f'{h}x{w}'
+    pixel[key] = float(boundary.mean())
+    tiles[key] = float(per_tile.mean())
+    if config.netG != 'spade':
+      break
+    h, w = h // 2, w // 2
+  return {'labels': ('data set ' + config.data_dir if config.data_dir
+                     else 'random blocky (8x8 blocks)'),
+          'boundary_pixel_fraction': pixel,
+          f'boundary_tile_fraction_{tile}x{tile}': tiles}
+
+
 # ---------------------------------------------------------------------------
 # Modes.
 # ---------------------------------------------------------------------------
-def benchmark_train(config: ml_collections.ConfigDict,
-                    options: Options) -> Dict[str, Any]:
-  """Times one training iteration (G update, then D update)."""
+@dataclasses.dataclass
+class Prepared:
+  """A compiled step ready to time, and what is known before timing it."""
+  step: Callable[[], Any]
+  images_per_step: int
+  info: Dict[str, Any]  # compile_timed's figures (without the executable)
+  extra: Dict[str, Any]  # init_s, label statistics, ...
+
+
+def sparse_branch_flops(config, lower: Callable[[Any], Any]):
+  """FLOPs of the step with the boundary-sparse branch always taken.
+
+  XLA's cost analysis counts a `lax.cond`'s costlier branch, the dense
+  fallback; this compiles the step once more without it (never run) to count
+  what a batch within the capacity costs. None when the path is off.
+  """
+  if not models.spade_sparse(config) or config.netG != 'spade':
+    return None
+  counting = ml_collections.ConfigDict(config.to_dict())
+  counting.spade_sparse_fallback = False
+  cost = lower(counting).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def prepare_train(config: ml_collections.ConfigDict,
+                  options: Options) -> Prepared:
+  """Compiles one training iteration (G update, then D update)."""
   validate(config, options)
   mesh = train.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -245,29 +337,33 @@ def benchmark_train(config: ml_collections.ConfigDict,
   # Committed, replicated arrays: the shardings the step was compiled for.
   state = jax.device_put(state, replicated)
   vgg_params = jax.device_put(vgg_params_for(config, options), replicated)
-  batch = train.global_batch(local_batch(config, options), mesh)
+  host_batch = local_batch(config, options)
+  batch = train.global_batch(host_batch, mesh)
   step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
                                      sched_d)
   info = compile_timed(step_fn, state, batch, vgg_params)
-  compiled = info['compiled']
+  compiled = info.pop('compiled')
+  info['flops_per_step_sparse_branch'] = sparse_branch_flops(
+      config, lambda c: train.compile_train_step(
+          c, mesh, tx_g, tx_d, sched_g, sched_d).lower(state, batch,
+                                                       vgg_params))
   holder = {'state': state}
 
   def step():
     holder['state'], metrics = compiled(holder['state'], batch, vgg_params)
     jax.block_until_ready((holder['state'], metrics))
 
-  timings = time_steps(step, options.steps, options.warmup)
-  record = summarize(timings, config.batch_size)
-  record['init_s'] = init_s
-  return with_compute_figures(record, info)
+  return Prepared(step, config.batch_size, info,
+                  {'init_s': init_s, **label_statistics(config, host_batch)})
 
 
-def benchmark_generate(config: ml_collections.ConfigDict,
-                       options: Options) -> Dict[str, Any]:
-  """Times the eval-mode generator on a batch of the config's size."""
+def prepare_generate(config: ml_collections.ConfigDict,
+                     options: Options) -> Prepared:
+  """Compiles the eval-mode generator on a batch of the config's size."""
   validate(config, options)
   mesh = train.make_mesh(config)
-  batch = train.global_batch(local_batch(config, options), mesh)
+  host_batch = local_batch(config, options)
+  batch = train.global_batch(host_batch, mesh)
   label, edges = batch['label'], batch['instance_edges']
   h, w = models.output_size(config)
   init_shape = (1, h, w)
@@ -280,13 +376,35 @@ def benchmark_generate(config: ml_collections.ConfigDict,
       mesh, jax.sharding.PartitionSpec()))
   init_s = time.perf_counter() - start
   info = compile_timed(train.make_generate_fn(config), g_vars, label, edges)
-  compiled = info['compiled']
-  timings = time_steps(
-      lambda: jax.block_until_ready(compiled(g_vars, label, edges)),
-      options.steps, options.warmup)
-  record = summarize(timings, config.batch_size)
-  record['init_s'] = init_s
-  return with_compute_figures(record, info)
+  compiled = info.pop('compiled')
+  info['flops_per_step_sparse_branch'] = sparse_branch_flops(
+      config, lambda c: train.make_generate_fn(c).lower(g_vars, label, edges))
+  return Prepared(lambda: jax.block_until_ready(compiled(g_vars, label,
+                                                         edges)),
+                  config.batch_size, info,
+                  {'init_s': init_s, **label_statistics(config, host_batch)})
+
+
+def timed_record(prepared: Prepared, timings: Timings) -> Dict[str, Any]:
+  record = summarize(timings, prepared.images_per_step)
+  record.update(prepared.extra)
+  return with_compute_figures(record, prepared.info)
+
+
+def benchmark_train(config: ml_collections.ConfigDict,
+                    options: Options) -> Dict[str, Any]:
+  """Times one training iteration (G update, then D update)."""
+  prepared = prepare_train(config, options)
+  return timed_record(prepared, time_steps(prepared.step, options.steps,
+                                           options.warmup))
+
+
+def benchmark_generate(config: ml_collections.ConfigDict,
+                       options: Options) -> Dict[str, Any]:
+  """Times the eval-mode generator on a batch of the config's size."""
+  prepared = prepare_generate(config, options)
+  return timed_record(prepared, time_steps(prepared.step, options.steps,
+                                           options.warmup))
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -333,23 +451,31 @@ MODES: Dict[str, ModeFn] = {
 }
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
-        steps: int = 10, warmup: int = 2,
-        random_vgg_for_timing: bool = False) -> Dict[str, Any]:
-  """Runs one benchmark mode and returns its JSON-able record."""
+# Named config overrides that --variants compiles and times alternately.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    'dense': {'spade_sparse': False},
+    'sparse': {'spade_sparse': True},
+}
+# Modes whose compiled step --variants can alternate.
+PREPARE = {'train': prepare_train, 'generate': prepare_generate}
+
+
+def check_run_args(mode: str, steps: int, warmup: int) -> None:
   if mode not in MODES:
     raise ValueError(f'Unknown --mode={mode!r}; available: '
                      f'{", ".join(sorted(MODES))}.')
   if steps <= 0 or warmup < 0:
     raise ValueError(f'Need steps > 0 and warmup >= 0, got {steps}, '
                      f'{warmup}.')
-  options = Options(workdir, steps, warmup, random_vgg_for_timing)
-  record = {'mode': mode}
-  record.update(MODES[mode](config, options))
+
+
+def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
+                  random_vgg_for_timing: bool) -> Dict[str, Any]:
+  """Adds what was measured on what: devices, load, config, resolved paths."""
   record.update(peak_memory())
   device = jax.devices()[0]
   used = len(train.mesh_devices(config))
-  if mode != 'input':  # Per accelerator: the measure of the device count.
+  if record['mode'] != 'input':  # Per accelerator: the device count.
     record['images_per_s_per_device'] = record['images_per_s'] / used
   record.update(
       backend=jax.default_backend(), device_kind=str(device.device_kind),
@@ -362,8 +488,61 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
                                  not config.vgg_weights),
       time=time.strftime('%Y-%m-%dT%H:%M:%S'))
   record.update({k: config[k] for k in _CONFIG_KEYS if k in config})
-  record['spade_label_lookup'] = models.label_lookup(config)  # As resolved.
+  # As resolved.
+  record['spade_label_lookup'] = models.label_lookup(config)
+  record['spade_sparse'] = models.spade_sparse(config)
+  record['spade_sparse_capacity'] = [
+      list(entry) for entry in (models.spade_sparse_capacity(config) or
+                                models.SPARSE_CAPACITY)]
   return record
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
+        steps: int = 10, warmup: int = 2,
+        random_vgg_for_timing: bool = False) -> Dict[str, Any]:
+  """Runs one benchmark mode and returns its JSON-able record."""
+  check_run_args(mode, steps, warmup)
+  options = Options(workdir, steps, warmup, random_vgg_for_timing)
+  record = {'mode': mode}
+  record.update(MODES[mode](config, options))
+  return finish_record(record, config, random_vgg_for_timing)
+
+
+def variant_config(config: ml_collections.ConfigDict,
+                   name: str) -> ml_collections.ConfigDict:
+  if name not in VARIANTS:
+    raise ValueError(f'Unknown variant {name!r}; available: '
+                     f'{", ".join(VARIANTS)}.')
+  variant = config.copy_and_resolve_references()
+  variant.update(VARIANTS[name])
+  return variant
+
+
+def run_variants(mode: str, config: ml_collections.ConfigDict, workdir: str,
+                 variants: Sequence[str], steps: int = 10, warmup: int = 2,
+                 random_vgg_for_timing: bool = False
+                 ) -> List[Dict[str, Any]]:
+  """Compiles `mode` for each variant, then times them in alternation.
+
+  Round by round every variant runs one step, so all see the same load; one
+  record per variant (with `variant`), in the order given.
+  """
+  check_run_args(mode, steps, warmup)
+  if mode not in PREPARE:
+    raise ValueError(f'--variants needs --mode in {sorted(PREPARE)}, '
+                     f'got {mode!r}.')
+  if len(set(variants)) != len(variants) or not variants:
+    raise ValueError(f'--variants: expected distinct names, got {variants}.')
+  configs = [variant_config(config, name) for name in variants]
+  options = Options(workdir, steps, warmup, random_vgg_for_timing)
+  prepared = [PREPARE[mode](c, options) for c in configs]
+  timings = time_alternating([p.step for p in prepared], steps, warmup)
+  records = []
+  for name, c, p, t in zip(variants, configs, prepared, timings):
+    record = {'mode': mode, 'variant': name}
+    record.update(timed_record(p, t))
+    records.append(finish_record(record, c, random_vgg_for_timing))
+  return records
 
 
 def format_table(record: Dict[str, Any]) -> str:
@@ -392,6 +571,18 @@ def format_table(record: Dict[str, Any]) -> str:
                                 else None)),
           ('peak memory MiB', record['peak_memory_bytes'] / 2**20),
           ('  (from)', record['peak_memory_source'])]
+  if record.get('variant'):
+    rows.insert(1, ('variant', record['variant']))
+  if record.get('flops_per_step_sparse_branch'):
+    rows.append(('GFLOP/step, sparse branch',
+                 record['flops_per_step_sparse_branch'] / 1e9))
+  if record.get('boundary_pixel_fraction'):
+    rows.append(('labels', record['labels']))
+    rows.append(('boundary pixels', ', '.join(
+        f'{k} {v:.2f}' for k, v in record['boundary_pixel_fraction'].items())))
+    rows.append(('boundary 8x8 tiles', ', '.join(
+        f'{k} {v:.2f}' for k, v in
+        record['boundary_tile_fraction_8x8'].items())))
   width = max(len(name) for name, _ in rows)
   return '\n'.join(f'{name:<{width}}  {fmt(value)}' for name, value in rows)
 
@@ -402,14 +593,20 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(tempfile.gettempdir(),
                                           'spade_jax_benchmark')
   try:
-    record = run(FLAGS.mode, FLAGS.config, workdir, FLAGS.steps, FLAGS.warmup,
-                 FLAGS.random_vgg_for_timing)
+    if FLAGS.variants:
+      recs = run_variants(FLAGS.mode, FLAGS.config, workdir, FLAGS.variants,
+                          FLAGS.steps, FLAGS.warmup,
+                          FLAGS.random_vgg_for_timing)
+    else:
+      recs = [run(FLAGS.mode, FLAGS.config, workdir, FLAGS.steps,
+                  FLAGS.warmup, FLAGS.random_vgg_for_timing)]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  print(format_table(record))
+  print('\n\n'.join(format_table(record) for record in recs))
   if FLAGS.json:
     with open(FLAGS.json, 'a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
+      for record in recs:
+        f.write(json.dumps(record, sort_keys=True) + '\n')
 
 
 if __name__ == '__main__':

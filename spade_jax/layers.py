@@ -318,7 +318,7 @@ def patches_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
 
 
 def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
-               padding: int) -> jnp.ndarray:
+               padding: int, strides: int = 1) -> jnp.ndarray:
   """conv2d(seg.one_hot(), kernel) + bias without building the one-hot.
 
   A one-hot pixel of class c picks row c of the kernel, so offset (dy, dx)
@@ -335,22 +335,220 @@ def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
   SPADE block backward ran 1.8x slower).
   """
   kh, kw, _, cout = kernel.shape
-  nc, p = seg.num_classes, padding
-  label = seg.label
-  ids = jnp.where((label >= 0) & (label < nc), label, nc).astype(jnp.int32)
-  ids = jnp.pad(ids, ((0, 0), (p, p), (p, p)), constant_values=nc)
-  ho, wo = ids.shape[1] - kh + 1, ids.shape[2] - kw + 1
+  nc, p, s = seg.num_classes, padding, strides
+  ids = jnp.pad(label_ids(seg), ((0, 0), (p, p), (p, p)), constant_values=nc)
+  ho, wo = (ids.shape[1] - kh) // s + 1, (ids.shape[2] - kw) // s + 1
   kernel = kernel.astype(jnp.float32)
-  table = jnp.concatenate(
-      [kernel[:, :, :nc], jnp.zeros((kh, kw, 1, cout), jnp.float32)], axis=2)
-  table = table.reshape(kh * kw * (nc + 1), cout)
-  rows = jnp.stack([ids[:, i:i + ho, j:j + wo] + (i * kw + j) * (nc + 1)
+  table = _offset_major_table(kernel[:, :, :nc])
+  rows = jnp.stack([ids[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+                    + (i * kw + j) * (nc + 1)
                     for i in range(kh) for j in range(kw)], axis=-1)
   y = jnp.take(table, rows, axis=0).sum(axis=-2) + bias.astype(jnp.float32)
   if seg.edges is not None:
     edges = seg.edges[..., None].astype(jnp.float32)
-    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], 1, p)
+    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], s, p)
   return y
+
+
+def _offset_major_table(class_kernel: jnp.ndarray) -> jnp.ndarray:
+  """(kh, kw, nc, cout) -> (kh * kw * (nc + 1), cout) with zero rows appended.
+
+  Row (i * kw + j) * (nc + 1) + c is class_kernel[i, j, c]; row ... + nc is
+  zero (padding and ids outside the classes).
+  """
+  kh, kw, _, cout = class_kernel.shape
+  table = jnp.concatenate(
+      [class_kernel, jnp.zeros((kh, kw, 1, cout), class_kernel.dtype)], axis=2)
+  return table.reshape(-1, cout)
+
+
+@flax.struct.dataclass
+class PooledLabelMap:
+  """A label map's one-hot after `avg_pool_3x3_s2` (once or more), as ids.
+
+  Each pixel of the pooled one-hot is a weighted sum of the one-hot of M
+  source pixels: sum over m of weights[..., m] * one_hot(ids[..., m]), with
+  id num_classes for the zero padding and for ids outside the classes (as
+  `label_ids`). Pooling once gives M = 9 and weights 1 / (pixels inside the
+  window); each further pooling multiplies M by 9. The edges (one channel)
+  are pooled densely. What the discriminator's first convolution takes at
+  its coarser scales (`pooled_label_conv`).
+  """
+  ids: jnp.ndarray  # (N, H, W, M) int32
+  weights: jnp.ndarray  # (1, H, W, M) float32
+  edges: Optional[jnp.ndarray]  # (N, H, W) pooled edges, or None
+  num_classes: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def channels(self) -> int:
+    return self.num_classes + (0 if self.edges is None else 1)
+
+  @classmethod
+  def of(cls, seg: LabelMap) -> 'PooledLabelMap':
+    """The unpooled map (M = 1, weight 1)."""
+    ids = label_ids(seg)[..., None]
+    return cls(ids, jnp.ones((1,) + ids.shape[1:], jnp.float32), seg.edges,
+               seg.num_classes)
+
+  def pool(self) -> 'PooledLabelMap':
+    """avg_pool_3x3_s2 (count_include_pad=False) of the one-hot it stands for."""
+    n, h, w, m = self.ids.shape
+    nc = self.num_classes
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    ids = jnp.pad(self.ids, pad, constant_values=nc)
+    weights = jnp.pad(self.weights, pad)
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    window = lambda a, i, j: a[:, i:i + 2 * (ho - 1) + 1:2,
+                               j:j + 2 * (wo - 1) + 1:2]
+    offsets = [(i, j) for i in range(3) for j in range(3)]
+    ids = jnp.concatenate([window(ids, i, j) for i, j in offsets], axis=-1)
+    weights = jnp.concatenate([window(weights, i, j) for i, j in offsets],
+                              axis=-1)
+    inside = lambda size, out: (np.minimum(2 * np.arange(out) + 1, size - 1) -
+                                np.maximum(2 * np.arange(out) - 1, 0) + 1)
+    count = np.outer(inside(h, ho), inside(w, wo))  # Pixels in each window.
+    weights = weights / jnp.asarray(count, jnp.float32)[None, :, :, None]
+    edges = (None if self.edges is None
+             else avg_pool_3x3_s2(self.edges[..., None])[..., 0])
+    return PooledLabelMap(ids, weights, edges, nc)
+
+
+def pooled_label_conv(seg: PooledLabelMap, kernel: jnp.ndarray,
+                      bias: jnp.ndarray, padding: int,
+                      strides: int = 1) -> jnp.ndarray:
+  """conv2d(the pooled one-hot, kernel) + bias without building it.
+
+  Offset (dy, dx) at an output pixel contributes sum over m of
+  weights[m] * kernel[dy, dx, ids[m]] of the shifted pooled pixel: one
+  gather of kh * kw * M kernel rows per output pixel, a weighted sum. The
+  edge channel is a 1-channel convolution. Float32; (N, H', W', cout).
+  """
+  kh, kw, _, cout = kernel.shape
+  nc, p, s = seg.num_classes, padding, strides
+  pad = ((0, 0), (p, p), (p, p), (0, 0))
+  ids = jnp.pad(seg.ids, pad, constant_values=nc)
+  weights = jnp.pad(seg.weights, pad)
+  ho, wo = (ids.shape[1] - kh) // s + 1, (ids.shape[2] - kw) // s + 1
+  window = lambda a, i, j: a[:, i:i + s * (ho - 1) + 1:s,
+                             j:j + s * (wo - 1) + 1:s]
+  kernel = kernel.astype(jnp.float32)
+  table = _offset_major_table(kernel[:, :, :nc])
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  rows = jnp.concatenate([window(ids, i, j) + (i * kw + j) * (nc + 1)
+                          for i, j in taps], axis=-1)
+  tap_weights = jnp.concatenate([window(weights, i, j) for i, j in taps],
+                                axis=-1)
+  # A product and a reduction XLA fuses with the gather (as in label_conv).
+  y = (jnp.take(table, rows, axis=0) * tap_weights[..., None]).sum(axis=-2)
+  y = y + bias.astype(jnp.float32)
+  if seg.edges is not None:
+    edges = seg.edges[..., None].astype(jnp.float32)
+    y = y + conv2d(edges, kernel[:, :, nc:nc + 1], s, p)
+  return y
+
+
+def label_ids(seg: LabelMap) -> jnp.ndarray:
+  """(N, H, W) int32 ids; those outside [0, num_classes) become num_classes.
+
+  Such ids have an all-zero one-hot; they form one more "class" whose
+  kernel row is zero (as in `label_conv`).
+  """
+  nc = seg.num_classes
+  label = seg.label
+  return jnp.where((label >= 0) & (label < nc), label, nc).astype(jnp.int32)
+
+
+def uniform_mask(seg: LabelMap, kernel_size: int) -> jnp.ndarray:
+  """(N, H, W) bool: where SPADE's gamma and beta are their per-class value.
+
+  mlp_shared's activation at a pixel depends on the kernel_size x
+  kernel_size neighbourhood of (class id, edge) values and on the zero
+  padding; mlp_gamma / mlp_beta see that activation's neighbourhood, so their
+  output at a pixel depends on its (2k - 1) x (2k - 1) neighbourhood. A pixel
+  is uniform when that neighbourhood lies inside the image, has one class id
+  (`label_ids`) and no nonzero edge value.
+  """
+  r = 2 * (kernel_size // 2)
+  ids = label_ids(seg)
+  if seg.edges is not None:  # An edge pixel never matches a uniform centre.
+    ids = jnp.where(seg.edges != 0, -2, ids)
+  ids = jnp.pad(ids, ((0, 0), (r, r), (r, r)), constant_values=-1)
+  window, strides = (1, 2 * r + 1, 2 * r + 1), (1, 1, 1)
+  info = jnp.iinfo(jnp.int32)
+  hi = jax.lax.reduce_window(ids, info.min, jax.lax.max, window, strides,
+                             'VALID')
+  lo = jax.lax.reduce_window(ids, info.max, jax.lax.min, window, strides,
+                             'VALID')
+  return (hi == lo) & (lo >= 0)
+
+
+def sparse_capacity(fraction: float, shape: Sequence[int]) -> int:
+  """Boundary pixels the sparse path holds: ceil(fraction * N * H * W)."""
+  total = int(np.prod(shape))
+  return min(total, max(1, int(np.ceil(fraction * total))))
+
+
+def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
+                         shared: Tuple[jnp.ndarray, jnp.ndarray],
+                         kernel: jnp.ndarray, bias: jnp.ndarray,
+                         capacity: int, dense_fn,
+                         dtype: Dtype = jnp.float32,
+                         fallback: bool = True) -> jnp.ndarray:
+  """conv2d(actv, kernel, padding k // 2) + bias, exactly, sparse on boundaries.
+
+  `actv` must be relu(conv(seg.one_hot(), shared kernel) + shared bias), the
+  SPADE layer's mlp_shared activation (same padding). Where `uniform_mask`
+  holds, the output is a per-class vector: the activation of a pixel whose
+  neighbourhood is all class c is a_c = relu(sum over taps of the shared
+  kernel's row c + bias) (edge channel zero), so the output there is
+  a_c @ sum over taps of `kernel`, plus `bias`. The other pixels' k x k
+  patches of `actv` are gathered, at most `capacity` of them for the whole
+  batch, and multiplied by kernel.reshape(k * k * hidden, cout); the results
+  are scattered over the per-class map. When a batch has more boundary
+  pixels than `capacity`, `dense_fn(actv)` (the dense convolution) runs
+  instead, under `lax.cond`. `fallback=False` (only for counting the sparse
+  branch's FLOPs: XLA's cost analysis counts a cond's costlier branch) drops
+  the cond and returns NaN for a batch over the capacity. Gradients follow
+  by autodiff and equal the
+  dense path's for the parameters and for anything upstream of `actv`; the
+  edge values are treated as data (no gradient reaches them at uniform
+  pixels, whose output does not depend on them).
+  """
+  kh, kw, hidden, cout = kernel.shape
+  n, h, w, _ = actv.shape
+  nc, p = seg.num_classes, kh // 2
+  total = n * h * w
+  ids = label_ids(seg)
+  boundary = ~uniform_mask(seg, kh).reshape(total)
+  count = boundary.sum()
+
+  def sparse(actv):
+    shared_kernel, shared_bias = shared
+    rows = shared_kernel.astype(jnp.float32)[:, :, :nc].sum(axis=(0, 1))
+    rows = jnp.concatenate([rows, jnp.zeros((1, hidden), jnp.float32)])
+    class_actv = nn.relu((rows + shared_bias.astype(jnp.float32)).astype(
+        dtype))
+    tap_sum = kernel.astype(jnp.float32).sum(axis=(0, 1)).astype(dtype)
+    table = class_actv @ tap_sum + bias.astype(dtype)  # (nc + 1, cout)
+    base = jnp.take(table, ids.reshape(total), axis=0)
+    (idx,) = jnp.nonzero(boundary, size=capacity, fill_value=total)
+    safe = jnp.minimum(idx, total - 1)
+    b, rest = safe // (h * w), safe % (h * w)
+    hp, wp = h + 2 * p, w + 2 * p
+    origin = b * (hp * wp) + (rest // w) * wp + rest % w
+    offsets = np.array([i * wp + j for i in range(kh) for j in range(kw)])
+    padded = jnp.pad(actv, ((0, 0), (p, p), (p, p), (0, 0)))
+    patches = jnp.take(padded.reshape(n * hp * wp, hidden),
+                       origin[:, None] + offsets, axis=0, mode='clip')
+    values = (patches.reshape(capacity, kh * kw * hidden) @
+              kernel.reshape(kh * kw * hidden, cout).astype(dtype) +
+              bias.astype(dtype))
+    out = base.at[idx].set(values, mode='drop')
+    return out.reshape(n, h, w, cout)
+
+  if not fallback:
+    return jnp.where(count <= capacity, sparse(actv), jnp.nan)
+  return jax.lax.cond(count <= capacity, sparse, dense_fn, actv)
 
 
 def biased_conv(x: Semantics, kernel: jnp.ndarray, bias: jnp.ndarray,
@@ -513,15 +711,27 @@ class SPADE(nn.Module):
   for mlp_shared. The caller may pass `actv`, mlp_shared's activation,
   computed for several SPADE layers at once (`shared_weights`).
 
+  With `sparse_fraction` set and a `LabelMap`, mlp_gamma and mlp_beta take
+  the exact boundary-sparse path (`boundary_sparse_conv`): per-class values
+  where the label neighbourhood is uniform, the dense convolution on at most
+  ceil(sparse_fraction * N * H * W) gathered boundary pixels, and the dense
+  convolution everywhere when a batch has more.
+
   Attributes:
     features: channels of x (the reference's norm_nc).
     fuse_gamma_beta: run mlp_gamma and mlp_beta as one convolution.
+    sparse_fraction: the boundary-sparse path's capacity, as a share of the
+      batch's pixels; None: dense.
+    sparse_fallback: False only to count the sparse branch's FLOPs
+      (`boundary_sparse_conv`).
   """
   features: int
   norm_type: str = 'syncbatch'
   kernel_size: int = 3
   hidden: int = 128
   fuse_gamma_beta: bool = False
+  sparse_fraction: Optional[float] = None
+  sparse_fallback: bool = True
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
@@ -543,11 +753,27 @@ class SPADE(nn.Module):
       actv = nn.relu(biased_conv(seg, *self.shared_weights(seg), pad,
                                  self.conv_impl, self.dtype))
     weights = [self.mlp_gamma(self.hidden), self.mlp_beta(self.hidden)]
-    if self.fuse_gamma_beta:
-      gamma, beta = fused_conv(actv, weights, pad, self.conv_impl, self.dtype)
+
+    def dense(actv):
+      if self.fuse_gamma_beta:
+        return fused_conv(actv, weights, pad, self.conv_impl, self.dtype)
+      return [biased_conv(actv, k, b, pad, self.conv_impl, self.dtype)
+              for k, b in weights]
+
+    capacity = (None if self.sparse_fraction is None
+                else sparse_capacity(self.sparse_fraction, x.shape[:3]))
+    if (capacity is None or capacity >= np.prod(x.shape[:3]) or
+        not isinstance(seg, LabelMap)):
+      gamma, beta = dense(actv)
     else:
-      gamma, beta = [biased_conv(actv, k, b, pad, self.conv_impl, self.dtype)
-                     for k, b in weights]
+      seg = resize_semantics(seg, x.shape[1:3])
+      out = boundary_sparse_conv(
+          seg, actv, self.shared_weights(seg),
+          jnp.concatenate([k for k, _ in weights], axis=-1),
+          jnp.concatenate([b for _, b in weights]), capacity,
+          lambda a: jnp.concatenate(dense(a), axis=-1), self.dtype,
+          self.sparse_fallback)
+      gamma, beta = jnp.split(out, [self.features], axis=-1)
     return normalized * (1 + gamma) + beta
 
 
@@ -556,11 +782,14 @@ class SPADEResnetBlock(nn.Module):
 
   With `fuse_shared`, the mlp_shared convs of its two or three SPADE layers,
   which all see the same semantic map, run as one wider convolution.
+  `sparse_fraction`: the SPADE layers' boundary-sparse path (`SPADE`).
   """
   features: int
   norm_G: str = 'spectralspadesyncbatch3x3'
   fuse_shared: bool = False
   fuse_gamma_beta: bool = False
+  sparse_fraction: Optional[float] = None
+  sparse_fallback: bool = True
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
@@ -572,6 +801,8 @@ class SPADEResnetBlock(nn.Module):
     norm_type, ks = parse_spade_norm(self.norm_G)
     spade = functools.partial(SPADE, norm_type=norm_type, kernel_size=ks,
                               fuse_gamma_beta=self.fuse_gamma_beta,
+                              sparse_fraction=self.sparse_fraction,
+                              sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
     conv = functools.partial(Conv, spectral=spectral,
                              init_kind='torch' if spectral else 'xavier',

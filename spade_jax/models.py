@@ -8,7 +8,7 @@ Generators take integer class ids (N, H, W) and, unless `no_instance`, instance
 edges (N, H, W); the one-hot semantic map is built on the device.
 """
 import functools
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,14 @@ from spade_jax import layers
 
 Dtype = Any
 _NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
+# The boundary-sparse SPADE path's capacity (the share of a batch's pixels
+# given the dense convolution) by resolution: (min shorter side, fraction),
+# first match. Chosen from COCO-Stuff label maps with their instance edges
+# (the sample's 21 images, resize_and_crop to 256 and 128): the share of
+# non-uniform pixels (`layers.uniform_mask`) was mean 0.21 / max 0.39 at
+# 256x256, mean 0.33-0.36 / max 0.57-0.62 at 128x128, mean 0.51 / max 0.79
+# at 64x64 and 0.73 / 0.97 at 32x32; a batch above the capacity runs dense.
+SPARSE_CAPACITY = ((256, 0.4), (128, 0.62), (64, 0.8))
 
 
 def semantic_nc(config) -> int:
@@ -72,8 +80,26 @@ class SPADEGenerator(nn.Module):
   label_lookup: bool = True
   fuse_shared: bool = False
   fuse_gamma_beta: bool = False
+  # The boundary-sparse SPADE modulation (layers.boundary_sparse_conv) at
+  # the resolutions whose shorter side is >= sparse_min_size; its capacity
+  # there is the fraction of the first `sparse_capacity` entry
+  # (min_side, fraction) with min_side <= the shorter side.
+  sparse: bool = False
+  sparse_capacity: Tuple[Tuple[int, float], ...] = None
+  sparse_min_size: int = 128
+  sparse_fallback: bool = True  # False: only to count FLOPs (layers.SPADE).
   conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
+
+  def sparse_fraction(self, size) -> Optional[float]:
+    """The sparse path's capacity at a resolution; None: dense there."""
+    side = min(size)
+    if not self.sparse or side < self.sparse_min_size:
+      return None
+    for min_side, fraction in self.sparse_capacity or SPARSE_CAPACITY:
+      if side >= min_side:
+        return fraction
+    return None
 
   @nn.compact
   def __call__(self, label, edges=None, z=None, train: bool = False):
@@ -111,10 +137,16 @@ class SPADEGenerator(nn.Module):
     block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
                               fuse_shared=self.fuse_shared,
                               fuse_gamma_beta=self.fuse_gamma_beta,
+                              sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
 
     def run(name, features, x):
-      return block(features, name=name)(x, seg_at(x.shape[1:3]), train)
+      size = x.shape[1:3]
+      fraction = self.sparse_fraction(size)
+      # The sparse path needs the class ids (it uses the label lookup).
+      seg = seg_at(size, one_hot=not (self.label_lookup or fraction))
+      return block(features, sparse_fraction=fraction, name=name)(x, seg,
+                                                                  train)
 
     x = run('head_0', 16 * nf, x)
     x = layers.upsample2x(x)
@@ -192,10 +224,19 @@ class NLayerDiscriminator(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False) -> List[jnp.ndarray]:
+  def __call__(self, x, train: bool = False,
+               seg=None) -> List[jnp.ndarray]:
+    """x: the concatenated (semantics, image) input; or, with `seg` (a
+    `layers.LabelMap` or `layers.PooledLabelMap` of x's size), the image
+    alone, and the first convolution takes the semantic channels by lookup
+    (same parameters). seg's batch may divide x's: the label part is
+    computed once and repeated (x = [fake; real] with one label map)."""
     feats = []
-    x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype, impl=self.conv_impl,
-                    name='model0')(x)
+    if seg is None:
+      x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype,
+                      impl=self.conv_impl, name='model0')(x)
+    else:
+      x = self.first_conv_on_labels(x, seg)
     feats.append(_lrelu(x))
     nf = self.ndf
     for n in range(1, self.n_layers_D):
@@ -210,6 +251,25 @@ class NLayerDiscriminator(nn.Module):
     feats.append(x)
     return feats
 
+  def first_conv_on_labels(self, image, seg):
+    """model0 on concat(one-hot of seg, image), the one-hot never built."""
+    nsem = seg.channels
+    kernel, bias = layers.ConvWeights(self.ndf, 4, name='model0')(
+        nsem + image.shape[-1])
+    lookup = (layers.label_conv if isinstance(seg, layers.LabelMap)
+              else layers.pooled_label_conv)
+    y_sem = lookup(seg, kernel[:, :, :nsem], bias, 2, 2).astype(self.dtype)
+    reps, rest = divmod(image.shape[0], y_sem.shape[0])
+    if rest:
+      raise ValueError(f'The label maps ({y_sem.shape[0]}) do not divide the '
+                       f'image batch ({image.shape[0]}).')
+    if reps > 1:
+      y_sem = jnp.concatenate([y_sem] * reps, axis=0)
+    y_img = layers.conv2d(image.astype(self.dtype),
+                          kernel[:, :, nsem:].astype(self.dtype), 2, 2,
+                          self.conv_impl)
+    return y_sem + y_img
+
 
 class MultiscaleDiscriminator(nn.Module):
   """`num_D` PatchGANs on successively 2x average-pooled inputs."""
@@ -221,13 +281,30 @@ class MultiscaleDiscriminator(nn.Module):
   conv_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x, train: bool = False) -> List[List[jnp.ndarray]]:
+  def __call__(self, x, train: bool = False,
+               seg: Optional[layers.LabelMap] = None
+               ) -> List[List[jnp.ndarray]]:
+    """x: concat(one-hot semantics, image) on channels; or the image alone
+    and `seg`, the label map (its batch may divide x's), which every scale's
+    first convolution takes by lookup: the map itself at scale 0, its
+    average-pooled one-hot as ids and weights (`layers.PooledLabelMap`)
+    below. The same function and parameters either way."""
     outputs = []
     x = x.astype(self.dtype)
+    pooled = None
     for i in range(self.num_D):
+      if seg is None:
+        scale_seg = None
+      elif i == 0:
+        scale_seg = seg
+      else:
+        pooled = (layers.PooledLabelMap.of(seg) if pooled is None
+                  else pooled).pool()
+        scale_seg = pooled
       outputs.append(NLayerDiscriminator(self.ndf, self.n_layers_D, self.norm_D,
                                          self.dtype, self.conv_impl,
-                                         name=f'discriminator_{i}')(x, train))
+                                         name=f'discriminator_{i}')(
+                                             x, train, scale_seg))
       if i + 1 < self.num_D:
         x = layers.avg_pool_3x3_s2(x)
     return outputs
@@ -296,6 +373,31 @@ def label_lookup(config) -> bool:
   return jax.default_backend() == 'cpu' if value is None else bool(value)
 
 
+def spade_sparse(config) -> bool:
+  """config.spade_sparse; unset (None): off on every backend for now.
+
+  The boundary-sparse path cuts the FLOPs (docs/performance.md); it stays
+  off by default until its wall time is measured on a quiet machine.
+  """
+  value = config.get('spade_sparse', None)
+  return False if value is None else bool(value)
+
+
+def spade_sparse_capacity(config) -> Optional[Tuple[Tuple[int, float], ...]]:
+  """config.spade_sparse_capacity as the generator's table (None: measured).
+
+  A float in (0, 1) is the capacity at every resolution the path runs at.
+  """
+  value = config.get('spade_sparse_capacity', None)
+  if value is None:
+    return None
+  if not 0 < value < 1:
+    raise ValueError(f'spade_sparse_capacity={value!r}: expected a share of '
+                     'the pixels in (0, 1), e.g. 0.4, or unset for the '
+                     'measured per-resolution table.')
+  return ((0, float(value)),)
+
+
 def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
   """The generator `config.netG` names, from reference option names."""
   common = dict(num_classes=num_classes(config),
@@ -310,6 +412,10 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
         label_lookup=label_lookup(config),
         fuse_shared=config.get('spade_fuse_shared', False),
         fuse_gamma_beta=config.get('spade_fuse_gamma_beta', False),
+        sparse=spade_sparse(config),
+        sparse_capacity=spade_sparse_capacity(config),
+        sparse_min_size=config.get('spade_sparse_min_size', 128),
+        sparse_fallback=config.get('spade_sparse_fallback', True),
         **common)
   if config.netG == 'pix2pixhd':
     layers.parse_plain_norm(config.norm_G)
@@ -318,6 +424,24 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
         n_blocks=config.resnet_n_blocks, kernel_size=config.resnet_kernel_size,
         initial_kernel_size=config.resnet_initial_kernel_size, **common)
   raise ValueError(f"netG={config.netG!r}: expected 'spade' or 'pix2pixhd'.")
+
+
+def discriminator_inputs(config, label, edges, fake, image):
+  """(x, seg) for the discriminator on [fake; real] with the batch's labels.
+
+  With the label lookup (`label_lookup`) x is the images and seg the label
+  map, which the first convolutions take by lookup; else x is the
+  concatenated (one-hot semantics, image) input and seg None.
+  """
+  dtype = compute_dtype(config)
+  images = jnp.concatenate([fake.astype(dtype), image.astype(dtype)], axis=0)
+  edges = None if config.no_instance else edges
+  if label_lookup(config):
+    return images, layers.LabelMap(label, edges, num_classes(config))
+  semantics = layers.one_hot_semantics(label, edges, num_classes(config),
+                                       dtype)
+  return jnp.concatenate([jnp.concatenate([semantics] * 2, axis=0), images],
+                         axis=-1), None
 
 
 def make_discriminator(config) -> MultiscaleDiscriminator:

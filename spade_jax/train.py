@@ -30,7 +30,6 @@ import orbax.checkpoint as ocp
 from data_pipelines import records
 from spade_jax import checkpoints
 from spade_jax import input_pipeline
-from spade_jax import layers
 from spade_jax import losses
 from spade_jax import metrics as metrics_lib
 from spade_jax import model_io
@@ -254,8 +253,6 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
   dtype = models.compute_dtype(config)
   label, image = batch['label'], batch['image']
   edges = None if config.no_instance else batch['instance_edges']
-  semantics = layers.one_hot_semantics(label, edges,
-                                       models.num_classes(config), dtype)
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, d_rng = jax.random.split(rng)
 
@@ -277,11 +274,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
     return fake, new_stats, kld
 
   def discriminate(d_params, d_stats, fake):
-    d_in = jnp.concatenate([
-        jnp.concatenate([semantics, fake.astype(dtype)], axis=-1),
-        jnp.concatenate([semantics, image.astype(dtype)], axis=-1)], axis=0)
+    # [fake; real] with the labels: by lookup, or the concatenated one-hot.
+    d_in, d_seg = models.discriminator_inputs(config, label, edges, fake,
+                                              image)
     out, d_upd = disc.apply({'params': d_params, 'batch_stats': d_stats},
-                            d_in, train=True, mutable=['batch_stats'])
+                            d_in, train=True, seg=d_seg,
+                            mutable=['batch_stats'])
     return _split_fake_real(out), d_upd['batch_stats']
 
   # ---- Generator update.

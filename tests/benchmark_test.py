@@ -177,3 +177,54 @@ def test_table_shows_the_headline_numbers():
   table = benchmark.format_table(record)
   for text in ('ms/step median', '12.5', 'images/s', '160', '1024'):
     assert text in table
+
+
+def test_variants_alternate_in_one_process(tmp_path):
+  benchmark = load_benchmark()
+  records = benchmark.run_variants('generate', tiny_model_config(),
+                                   str(tmp_path), ['sparse', 'dense'],
+                                   steps=2, warmup=0)
+  assert [r['variant'] for r in records] == ['sparse', 'dense']
+  assert [r['spade_sparse'] for r in records] == [True, False]
+  for record in records:
+    check_compute_record(record, 'generate')
+    assert 'variant' in benchmark.format_table(record)
+  with pytest.raises(ValueError, match='Unknown variant'):
+    benchmark.run_variants('generate', tiny_model_config(), str(tmp_path),
+                           ['sparse', 'fast'], steps=1, warmup=0)
+  with pytest.raises(ValueError, match='--variants needs --mode'):
+    benchmark.run_variants('input', tiny_model_config(), str(tmp_path),
+                           ['dense'], steps=1, warmup=0)
+
+
+def test_label_statistics_of_a_known_map():
+  """One class, no edges: only the 2-pixel border is not uniform."""
+  benchmark = load_benchmark()
+  config = tiny_model_config(netG='spade', norm_G='spectralspadebatch3x3')
+  batch = {'label': np.zeros((2, 32, 32), np.int32),
+           'instance_edges': np.zeros((2, 32, 32), np.float32)}
+  stats = benchmark.label_statistics(config, batch)
+  assert stats['labels'].startswith('random')
+  pixels = stats['boundary_pixel_fraction']
+  assert list(pixels) == ['32x32', '16x16', '8x8']
+  assert pixels['32x32'] == pytest.approx(1 - 28**2 / 32**2)
+  assert pixels['16x16'] == pytest.approx(1 - 12**2 / 16**2)
+  tiles = stats['boundary_tile_fraction_8x8']
+  assert tiles['32x32'] == pytest.approx(12 / 16)  # The 4 inner tiles are
+  assert tiles['8x8'] == 1.0  # uniform; at 8x8 the one tile is not.
+  batch['instance_edges'][:, 16, 16] = 1  # An edge reaches 5x5 pixels.
+  assert benchmark.label_statistics(config, batch)[
+      'boundary_pixel_fraction']['32x32'] == pytest.approx(
+          1 - (28**2 - 25) / 32**2)
+
+
+def test_generate_on_a_data_set_reports_its_labels(tmp_path):
+  benchmark = load_benchmark()
+  config = tiny_model_config(dataset='custom', load_size=36, label_nc=8,
+                             contain_dontcare_label=False)
+  config.data_dir = tiny_dataset(tmp_path / 'd')
+  record = benchmark.run('generate', config, str(tmp_path), steps=1,
+                         warmup=0)
+  assert record['labels'] == 'data set ' + config.data_dir
+  # Random 8-class pixels: every pixel is on a boundary.
+  assert record['boundary_pixel_fraction'] == {'32x32': 1.0}

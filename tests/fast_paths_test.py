@@ -172,6 +172,63 @@ def test_each_block_switch_equals_plain(switch):
   assert_trees_close(got_grads, want_grads)
 
 
+def test_discriminator_label_lookup_equals_concatenated_one_hot():
+  """Every scale's first conv by lookup (the label map at scale 0, its
+  average-pooled one-hot as ids and weights below), one label map for the
+  [fake; real] batch: outputs, parameter and image gradients."""
+  rng = np.random.default_rng(5)
+  nc = 5
+  label, edges = random_semantics(rng, (2, 13, 11), nc)
+  label[0, 4:7, 2:6], label[1, 0, 0] = 255, -1  # All-zero one-hot.
+  seg = layers.LabelMap(jnp.asarray(label), jnp.asarray(edges), nc)
+  images = jnp.asarray(rng.uniform(-1, 1, (4, 13, 11, 3)), jnp.float32)
+  concatenated = jnp.concatenate(
+      [jnp.concatenate([seg.one_hot()] * 2, axis=0), images], axis=-1)
+  # Three scales: 13x11, 7x6, 4x3 (pooled twice: 81 source pixels each).
+  disc = models.MultiscaleDiscriminator(num_D=3, ndf=4, n_layers_D=2)
+  shapes = jax.eval_shape(disc.init, jax.random.PRNGKey(0), concatenated)
+  assert jax.eval_shape(disc.init, jax.random.PRNGKey(0), images,
+                        seg=seg) == shapes  # The same parameter tree.
+  variables = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, s.dtype), shapes)
+  outs = jax.eval_shape(disc.apply, variables, concatenated)
+  cots = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), outs)
+
+  def loss(params, x, seg):
+    out, _ = disc.apply({**variables, 'params': params}, x, train=True,
+                        seg=seg, mutable=['batch_stats'])
+    total = sum(jnp.sum(o * c) for o, c in zip(jax.tree_util.tree_leaves(out),
+                                               jax.tree_util.tree_leaves(cots)))
+    return total, out
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  # Compiled for speed of compilation (XLA CPU's codegen optimisations off).
+  fast = {'xla_backend_optimization_level': 0,
+          'xla_llvm_disable_expensive_passes': True}
+  run = lambda *args: jax.jit(grad).lower(*args).compile(fast)(*args)
+  (_, want), (want_params, want_x) = run(variables['params'], concatenated,
+                                         None)
+  (_, got), (got_params, got_x) = run(variables['params'], images, seg)
+  assert_trees_close(got, want)
+  assert_trees_close(got_params, want_params)
+  assert_close(got_x, want_x[..., -3:])  # The image channels' gradient.
+
+
+def test_discriminator_inputs_follow_the_label_lookup():
+  rng = np.random.default_rng(6)
+  label, edges = random_semantics(rng, (1, 8, 8), 6)
+  fake, real = (jnp.asarray(rng.uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
+                for _ in range(2))
+  config = tiny_config(spade_label_lookup=True)
+  x, seg = models.discriminator_inputs(config, label, edges, fake, real)
+  assert isinstance(seg, layers.LabelMap) and x.shape == (2, 8, 8, 3)
+  config = tiny_config(spade_label_lookup=False)
+  x, seg = models.discriminator_inputs(config, label, edges, fake, real)
+  assert seg is None and x.shape == (2, 8, 8, models.semantic_nc(config) + 3)
+  assert_close(x[1, ..., -3:], real[0])
+
+
 # ---------------------------------------------------------------------------
 # Network level: every switch on vs every switch off.
 # ---------------------------------------------------------------------------
