@@ -14,47 +14,19 @@ Each record holds:
   height     int64   image height
   width      int64   image width
 """
-import dataclasses
 import functools
-import json
 import os
 import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
-INFO_FILE = 'dataset_info.json'
+from data_pipelines import metadata
 
-
-@dataclasses.dataclass
-class DatasetInfo:
-  """What a reader needs to know about a built data set."""
-  dataset: str  # coco_stuff | ade20k | cityscapes | facades | custom | synthetic
-  label_nc: int
-  contain_dontcare_label: bool
-  has_instance: bool
-  # split name -> {'num_examples': int, 'num_shards': int}
-  splits: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
-  class_names: Optional[List[str]] = None
-  # One [r, g, b] per class id (0..label_nc-1, plus the don't-care class).
-  colors: Optional[List[List[int]]] = None
-
-  def save(self, data_dir: str) -> None:
-    tmp = os.path.join(data_dir, INFO_FILE + '.tmp')
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      json.dump(dataclasses.asdict(self), f, indent=1)
-    tf.io.gfile.rename(tmp, os.path.join(data_dir, INFO_FILE), overwrite=True)
-
-  @classmethod
-  def load(cls, data_dir: str) -> 'DatasetInfo':
-    path = os.path.join(data_dir, INFO_FILE)
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(
-          f'{path} not found: {data_dir} does not hold a built data set. '
-          'Build one with `python -m data_pipelines.build --dataset NAME '
-          '--manual_dir SRC --data_dir OUT`.')
-    with tf.io.gfile.GFile(path) as f:
-      return cls(**json.load(f))
+# The metadata file and its contents live in metadata.py (no TensorFlow);
+# they are part of this format.
+INFO_FILE = metadata.INFO_FILE
+DatasetInfo = metadata.DatasetInfo
 
 
 def shard_path(data_dir: str, split: str, index: int, num_shards: int) -> str:

@@ -64,7 +64,10 @@ from data_pipelines import records
 from spade_jax import input_pipeline
 from spade_jax import layers
 from spade_jax import models
+from spade_jax import run_config
+from spade_jax import sharding
 from spade_jax import train
+from spade_jax import train_state
 from spade_jax import vgg as vgg_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -248,11 +251,11 @@ def vgg_params_for(config, options: Options) -> Optional[Any]:
 
 
 def validate(config, options: Options) -> None:
-  """train.validate_config, letting --random_vgg_for_timing stand in for VGG."""
+  """run_config.validate_config, letting --random_vgg_for_timing stand in for VGG."""
   checked = ml_collections.ConfigDict(config.to_dict())
   if options.random_vgg_for_timing and not checked.vgg_weights:
     checked.vgg_weights = '<random weights for timing>'
-  train.validate_config(checked)
+  run_config.validate_config(checked)
 
 
 def label_statistics(config, batch: Dict[str, Any],
@@ -327,18 +330,18 @@ def prepare_train(config: ml_collections.ConfigDict,
                   options: Options) -> Prepared:
   """Compiles one training iteration (G update, then D update)."""
   validate(config, options)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tx_g, tx_d, sched_g, sched_d = train.make_optimizers(config, 1000)
+  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, 1000)
   start = time.perf_counter()
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    tx_g, tx_d)
   init_s = time.perf_counter() - start
   # Committed, replicated arrays: the shardings the step was compiled for.
   state = jax.device_put(state, replicated)
   vgg_params = jax.device_put(vgg_params_for(config, options), replicated)
   host_batch = local_batch(config, options)
-  batch = train.global_batch(host_batch, mesh)
+  batch = sharding.global_batch(host_batch, mesh)
   step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
                                      sched_d)
   info = compile_timed(step_fn, state, batch, vgg_params)
@@ -361,9 +364,9 @@ def prepare_generate(config: ml_collections.ConfigDict,
                      options: Options) -> Prepared:
   """Compiles the eval-mode generator on a batch of the config's size."""
   validate(config, options)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   host_batch = local_batch(config, options)
-  batch = train.global_batch(host_batch, mesh)
+  batch = sharding.global_batch(host_batch, mesh)
   label, edges = batch['label'], batch['instance_edges']
   h, w = models.output_size(config)
   init_shape = (1, h, w)
@@ -474,7 +477,7 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
   """Adds what was measured on what: devices, load, config, resolved paths."""
   record.update(peak_memory())
   device = jax.devices()[0]
-  used = len(train.mesh_devices(config))
+  used = len(sharding.mesh_devices(config))
   if record['mode'] != 'input':  # Per accelerator: the device count.
     record['images_per_s_per_device'] = record['images_per_s'] / used
   record.update(

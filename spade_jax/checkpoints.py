@@ -7,9 +7,10 @@ with a message that names no checkpoint. `restore_newest` tries the newest
 step first and falls back to the newest one that restores, with a warning
 naming each damaged folder; when a given step is damaged it stops with an
 error that names the folder and the step to use instead; when none restores,
-the error lists every folder and why. Training (`train.restore_checkpoint`)
-then moves the damaged folders aside with `set_aside`, so that it can write
-those steps again; the readers (export, serve, evaluate) leave them alone.
+the error lists every folder and why. Training
+(`train_state.restore_checkpoint`) then moves the damaged folders aside with
+`set_aside`, so that it can write those steps again; the readers (export,
+serve, evaluate) leave them alone.
 """
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple

@@ -54,8 +54,10 @@ from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
 from spade_jax import models
+from spade_jax import run_config
 from spade_jax import segmentation_metrics
 from spade_jax import segmenters
+from spade_jax import train_state
 from spade_jax import visualize
 
 
@@ -88,11 +90,10 @@ def load_segmenter(config: ml_collections.ConfigDict
 
 def check_same_architecture(config, workdir: str) -> None:
   """The run's saved config and this one must build the same networks."""
-  from spade_jax import train  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     return
   saved = export.workdir_config(workdir)
-  diff = [k for k in train.ARCHITECTURE_KEYS
+  diff = [k for k in train_state.ARCHITECTURE_KEYS
           if k in saved and k in config and saved[k] != config[k]]
   # Whether the checkpoints hold EMA weights changes their structure (a
   # model folder holds the inference weights only).
@@ -196,14 +197,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   step 0). Returns {'fid': ...} plus 'miou' and 'accuracy' with a
   segmenter; each is written to TensorBoard as eval/NAME and printed.
   """
-  from spade_jax import train  # pylint: disable=g-import-not-at-top
   inception_vars = load_inception(config)  # Fails early without weights.
   segmenter = load_segmenter(config)
-  train.validate_config(config)
+  run_config.validate_config(config)
   check_same_architecture(config, workdir)
   _, variables, step = export.load_inference_variables(
       workdir, step=step, use_ema=True, config=config)
-  data_dir = train.resolve_data_dir(config, workdir)
+  data_dir = run_config.resolve_data_dir(config, workdir)
   extractor = fid.FeatureExtractor(inception_vars,
                                    batch_size=config.batch_size)
   confusion, on_generated = None, None

@@ -57,10 +57,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import default as default_config
+from data_pipelines import metadata
+from data_pipelines import scenes
 from spade_jax import checkpoints
 from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
+from spade_jax import train_state
 
 EXPORT_FILE = model_io.EXPORT_FILE
 SIGNATURE_FILE = model_io.SIGNATURE_FILE
@@ -107,9 +110,8 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _abstract_train_state(config):
   """Shapes/dtypes of the TrainState a run with `config` checkpoints."""
-  from spade_jax import train  # pylint: disable=g-import-not-at-top
-  tx_g, tx_d, _, _ = train.make_optimizers(config, steps_per_epoch=1)
-  abstract = jax.eval_shape(lambda: train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, steps_per_epoch=1)
+  abstract = jax.eval_shape(lambda: train_state.create_train_state(
       config, jax.random.PRNGKey(0), tx_g, tx_d))
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree_util.tree_map(
@@ -181,11 +183,10 @@ def _info_classes(data_dir: str) -> Optional[Dict]:
   """Names and colours from a built data set's dataset_info.json, or None."""
   if not data_dir:
     return None
-  from data_pipelines import records  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(data_dir, records.INFO_FILE)):
+  if not os.path.isfile(os.path.join(data_dir, metadata.INFO_FILE)):
     return None
   try:
-    info = records.DatasetInfo.load(data_dir)
+    info = metadata.DatasetInfo.load(data_dir)
   except (OSError, ValueError, TypeError) as e:
     logging.warning('Cannot read the class names and colours of %s: %s',
                     data_dir, e)
@@ -204,30 +205,29 @@ def read_class_source(path: str, label_nc: int) -> Dict:
   and colours cover label_nc classes (label_nc + 1 with a don't-care entry).
   Raises FileNotFoundError or ValueError naming the file and both numbers.
   """
-  from data_pipelines import records  # pylint: disable=g-import-not-at-top
   label_nc = int(label_nc)
   if os.path.isdir(path):
-    info_path = os.path.join(path, records.INFO_FILE)
+    info_path = os.path.join(path, metadata.INFO_FILE)
     if not os.path.isfile(info_path):
       raise FileNotFoundError(
           f'{info_path} not found: {path} is not a built data set folder. '
           'Pass one (python -m data_pipelines.build ... --data_dir DIR) or a '
           f'{model_io.CLASSES_FILE} file.')
     try:
-      info = records.DatasetInfo.load(path)
+      info = metadata.DatasetInfo.load(path)
     except (ValueError, TypeError) as e:
       raise ValueError(f'cannot read {info_path}: {e}') from None
     if int(info.label_nc) != label_nc:
       raise ValueError(
           f'the data set {path} has {info.label_nc} classes (label_nc in '
-          f'{records.INFO_FILE}) but the model has label_nc={label_nc}: '
+          f'{metadata.INFO_FILE}) but the model has label_nc={label_nc}: '
           'pass the data set the model was trained on.')
     return model_io.check_classes(
         {'names': info.class_names, 'colors': info.colors}, info_path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'{path} does not exist: pass a built data set folder (with '
-        f'{records.INFO_FILE}) or a {model_io.CLASSES_FILE} file.')
+        f'{metadata.INFO_FILE}) or a {model_io.CLASSES_FILE} file.')
   classes = model_io.read_classes_file(path)
   for key, what in (('names', 'class names'), ('colors', 'colours')):
     entries = classes[key]
@@ -260,8 +260,7 @@ def class_metadata(config: ml_collections.ConfigDict,
   if found is not None:
     return found
   if config.get('dataset') == 'synthetic':
-    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-    info = synthetic.dataset_info()
+    info = scenes.dataset_info()
     return {'names': info.class_names, 'colors': info.colors}
   return None
 

@@ -15,6 +15,8 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from spade_jax import checkpoints
+from spade_jax import evaluate
+from spade_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints and TensorBoard.')
@@ -58,13 +60,11 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   if FLAGS.mode == 'train':
-    from spade_jax import train  # pylint: disable=g-import-not-at-top
     try:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except checkpoints.CheckpointError as e:  # Names the folders.
       sys.exit(f'ERROR: {e}')
   else:
-    from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
     try:
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
     except (FileNotFoundError, checkpoints.CheckpointError) as e:

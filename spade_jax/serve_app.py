@@ -26,6 +26,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from data_pipelines import scenes
 from spade_jax import export
 from spade_jax import label_maps
 from spade_jax import model_io
@@ -340,10 +341,9 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def sample_label(model: Model, seed: int) -> np.ndarray:
   """A generated synthetic scene's label map at the model's size."""
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
   size = int(model.config.get('synthetic_size', 96))
-  _, label, _ = synthetic.generate_scene(
-      synthetic.scene_rng(seed, 'serve', 0), size)
+  _, label, _ = scenes.generate_scene(
+      scenes.scene_rng(seed, 'serve', 0), size)
   return resize_nearest(label.astype(np.int32), model.synth.image_size)
 
 
@@ -532,10 +532,6 @@ class App:
     self.max_pixels = max_pixels
     self.decode_slots = threading.BoundedSemaphore(max_decodes)
     self.page = read_page()
-    if model.config.get('dataset') == 'synthetic':
-      # Imported now (with TensorFlow, slow) rather than on the page's first
-      # sample request.
-      from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top,unused-import
 
   def start(self, warm_up: bool = True) -> Optional[float]:
     """Starts the worker (compiling first when `warm_up`): seconds taken."""

@@ -46,6 +46,7 @@ from PIL import Image
 import tensorflow as tf
 
 from data_pipelines import records
+from data_pipelines import scenes
 from spade_jax import input_pipeline
 from spade_jax import label_maps
 from spade_jax import model_io
@@ -141,8 +142,7 @@ def label_colors(config, data_dir: Optional[str] = None,
   if classes and classes.get('colors'):
     return classes['colors']
   if config.get('dataset', '') == 'synthetic':
-    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-    return [list(c) for c in synthetic.CLASS_COLORS]
+    return [list(c) for c in scenes.CLASS_COLORS]
   return None
 
 

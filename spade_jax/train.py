@@ -12,227 +12,30 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict
 
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
-import flax
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from data_pipelines import records
-from spade_jax import checkpoints
+from spade_jax import evaluate
 from spade_jax import input_pipeline
 from spade_jax import losses
 from spade_jax import metrics as metrics_lib
-from spade_jax import model_io
 from spade_jax import models
+from spade_jax import run_config
+from spade_jax import sharding
+from spade_jax import train_state
 from spade_jax import vgg as vgg_lib
 from spade_jax import visualize
-
-# Config keys that fix the networks' architecture (checked by init_from).
-ARCHITECTURE_KEYS = (
-    'netG', 'label_nc', 'contain_dontcare_label', 'no_instance', 'ngf', 'ndf',
-    'norm_G', 'norm_D', 'norm_E', 'num_upsampling_layers', 'crop_size',
-    'aspect_ratio', 'use_vae', 'z_dim', 'n_layers_D', 'num_D',
-    'resnet_n_downsample', 'resnet_n_blocks', 'resnet_kernel_size',
-    'resnet_initial_kernel_size')
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a training run carries from step to step."""
-  step: jax.Array
-  g_params: Dict[str, Any]  # {'generator': ..., 'encoder': ... (VAE)}
-  g_stats: Dict[str, Any]   # their batch_stats (BN running stats, SN vectors)
-  d_params: Any
-  d_stats: Any
-  g_opt_state: Any
-  d_opt_state: Any
-  ema_params: Any  # EMA of the generator's params, or None
-  rng: jax.Array
-
-
-# ---------------------------------------------------------------------------
-# Config checks.
-# ---------------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Stops at start-up with a clear message on settings that cannot work."""
-  try:
-    models.make_generator(config)
-    models.make_discriminator(config)
-    if config.use_vae:
-      models.make_encoder(config)
-  except ValueError as e:
-    raise ValueError(f'Invalid model config: {e}') from None
-  want = (round(config.crop_size / config.aspect_ratio), config.crop_size)
-  got = models.output_size(config)
-  if got != want or min(got) < 1:
-    n = {'normal': 5, 'more': 6, 'most': 7}[config.num_upsampling_layers]
-    raise ValueError(
-        f'crop_size={config.crop_size} with aspect_ratio='
-        f'{config.aspect_ratio} needs a {want[0]}x{want[1]} image, but '
-        f'num_upsampling_layers={config.num_upsampling_layers!r} '
-        f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
-        f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
-        'one), or another num_upsampling_layers.')
-  num_devices = len(mesh_devices(config))
-  if config.batch_size % num_devices:
-    raise ValueError(
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{num_devices} devices: the batch is split evenly over them.')
-  if config.get('fid_every_steps', 0) > 0 and not config.get(
-      'inception_weights', ''):
-    from spade_jax import inception  # pylint: disable=g-import-not-at-top
-    raise ValueError(
-        f'fid_every_steps={config.fid_every_steps} computes FID during '
-        'training and needs config.inception_weights (or set '
-        'fid_every_steps=0). ' + inception.HOW_TO_GET)
-  if not config.get('adam_eps', 1e-8) > 0:
-    raise ValueError(f'adam_eps={config.adam_eps} must be positive.')
-  if config.gan_mode not in losses.GAN_MODES:
-    raise ValueError(f'gan_mode={config.gan_mode!r}: expected one of '
-                     f'{losses.GAN_MODES}.')
-  if config.lambda_vgg > 0 and not config.vgg_weights:
-    raise ValueError(
-        f'lambda_vgg={config.lambda_vgg} needs pretrained VGG19 weights: set '
-        '--config.vgg_weights to torchvision\'s ImageNet vgg19 state-dict file '
-        f'({vgg_lib.WEIGHTS_FILE_NAME}, from the torchvision model zoo) or an '
-        '.npz made from it with `python -m spade_jax.vgg IN.pth OUT.npz`; or '
-        'turn the perceptual loss off with --config.lambda_vgg=0.')
-
-
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The TFRecord folder; the synthetic set is generated there if needed."""
-  if config.dataset == 'synthetic':
-    data_dir = config.data_dir or os.path.join(workdir, 'data', 'synthetic')
-    if jax.process_index() == 0:
-      from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-      synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
-                                 config.synthetic_num_val,
-                                 config.synthetic_size, seed=0)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('synthetic data ready')
-    return data_dir
-  if not config.data_dir:
-    raise ValueError(
-        f'dataset={config.dataset!r} needs --config.data_dir: the folder '
-        'written by `python -m data_pipelines.build --dataset '
-        f'{config.dataset} --manual_dir SRC --data_dir OUT`.')
-  records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
-  return config.data_dir
-
-
-# ---------------------------------------------------------------------------
-# Optimisation.
-# ---------------------------------------------------------------------------
-def learning_rates(config) -> Tuple[float, float, float, float]:
-  """(lr_G, lr_D, beta1, beta2) as the reference: TTUR or not."""
-  if config.no_TTUR:
-    return config.lr, config.lr, config.beta1, config.beta2
-  return config.lr / 2, config.lr * 2, 0.0, 0.9
-
-
-def lr_schedule(base_lr: float, steps_per_epoch: int, niter: int,
-                niter_decay: int) -> optax.Schedule:
-  """Constant for `niter` epochs, then linear decay over `niter_decay` epochs.
-
-  Like the reference, the rate changes at epoch boundaries: during epoch k
-  (0-based) it is base_lr * (1 - max(0, k - niter) / niter_decay).
-  """
-  def schedule(step):
-    if niter_decay <= 0:
-      return jnp.asarray(base_lr, jnp.float32)
-    epoch = step // max(steps_per_epoch, 1)
-    decayed = jnp.maximum(epoch - niter, 0) / niter_decay
-    return base_lr * jnp.clip(1.0 - decayed, 0.0, 1.0)
-  return schedule
-
-
-def make_optimizers(config, steps_per_epoch: int):
-  lr_g, lr_d, b1, b2 = learning_rates(config)
-  sched_g = lr_schedule(lr_g, steps_per_epoch, config.niter,
-                        config.niter_decay)
-  sched_d = lr_schedule(lr_d, steps_per_epoch, config.niter,
-                        config.niter_decay)
-  eps = config.get('adam_eps', 1e-8)
-  return (optax.adam(sched_g, b1=b1, b2=b2, eps=eps),
-          optax.adam(sched_d, b1=b1, b2=b2, eps=eps), sched_g, sched_d)
-
-
-# ---------------------------------------------------------------------------
-# State.
-# ---------------------------------------------------------------------------
-def create_train_state(config, rng, tx_g, tx_d) -> TrainState:
-  """Initialises G (+E) and D for the config's crop size."""
-  h, w = models.output_size(config)
-  label = jnp.zeros((1, h, w), jnp.int32)
-  edges = jnp.zeros((1, h, w), jnp.float32)
-  image = jnp.zeros((1, h, w, 3), jnp.float32)
-  rng, g_rng, d_rng, e_rng, z_rng = jax.random.split(rng, 5)
-  g_vars = models.make_generator(config).init(
-      {'params': g_rng, 'z': z_rng}, label, edges)
-  d_in = jnp.zeros((1, h, w, models.semantic_nc(config) + 3), jnp.float32)
-  d_vars = models.make_discriminator(config).init(d_rng, d_in)
-  g_params = {'generator': g_vars['params']}
-  g_stats = {'generator': g_vars.get('batch_stats', {})}
-  if config.use_vae:
-    e_vars = models.make_encoder(config).init(e_rng, image)
-    g_params['encoder'] = e_vars['params']
-    g_stats['encoder'] = e_vars.get('batch_stats', {})
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), g_params=g_params, g_stats=g_stats,
-      d_params=d_vars['params'], d_stats=d_vars.get('batch_stats', {}),
-      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_vars['params']),
-      ema_params=(_copy(g_params['generator']) if config.ema_decay > 0
-                  else None),
-      rng=rng)
-
-
-def _copy(tree):
-  # Own buffers: the train step donates the state, which must not hold the
-  # same buffer twice.
-  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
-
-
-def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
-  """Starts from a model folder (e.g. a converted reference checkpoint)."""
-  src_config, variables = model_io.load_model(config.init_from)
-  diff = [k for k in ARCHITECTURE_KEYS
-          if k in src_config and src_config[k] != config[k]]
-  if diff:
-    raise ValueError(
-        f'config.init_from={config.init_from} was made with a different '
-        'architecture: ' + ', '.join(
-            f'{k}={src_config[k]!r} there vs {config[k]!r} here' for k in diff))
-
-  def take(name, params, stats):
-    if name not in variables:
-      logging.warning('init_from: %s has no %s; it starts from scratch.',
-                      config.init_from, name)
-      return params, stats
-    src = variables[name]
-    return (jax.tree_util.tree_map(jnp.asarray, src['params']),
-            jax.tree_util.tree_map(jnp.asarray, src.get('batch_stats', {})))
-
-  g_params, g_stats = dict(state.g_params), dict(state.g_stats)
-  for name in g_params:
-    g_params[name], g_stats[name] = take(name, g_params[name], g_stats[name])
-  d_params, d_stats = take('discriminator', state.d_params, state.d_stats)
-  logging.info('Initialised from %s', config.init_from)
-  return state.replace(
-      g_params=g_params, g_stats=g_stats, d_params=d_params, d_stats=d_stats,
-      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_params),
-      ema_params=(_copy(g_params['generator']) if state.ema_params is not None
-                  else None))
-
 
 # ---------------------------------------------------------------------------
 # The train step.
@@ -244,7 +47,7 @@ def _split_fake_real(outputs):
   return fake, real
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
+def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_params,
                *, config, tx_g, tx_d, sched_g, sched_d):
   """One G update then one D update. Returns (new_state, metrics)."""
   gen = models.make_generator(config)
@@ -337,28 +140,6 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
   return new_state, metrics
 
 
-def mesh_devices(config) -> List[jax.Device]:
-  """All devices, or the first config.num_devices (single process only)."""
-  devices = jax.devices()
-  n = config.get('num_devices', 0) or 0
-  if n == 0 or n == len(devices):
-    return devices
-  if not 0 < n < len(devices):
-    raise ValueError(
-        f'num_devices={n}, but {len(devices)} {devices[0].platform} '
-        f'device(s) are visible: use 1..{len(devices)}, or 0 for all.')
-  if jax.process_count() > 1:
-    raise ValueError(
-        f'num_devices={n} with {jax.process_count()} processes: several '
-        'processes train on all their devices (num_devices=0).')
-  return devices[:n]
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """The 1-D `data` mesh over `mesh_devices(config)`."""
-  return jax.sharding.Mesh(np.asarray(mesh_devices(config)), ('data',))
-
-
 def compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d):
   """jit(train_step) with the batch sharded on `data`, the rest replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -370,31 +151,9 @@ def compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def global_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
-  """This process's share of the batch -> global arrays sharded on `data`."""
-  sharding = jax.sharding.NamedSharding(mesh,
-                                        jax.sharding.PartitionSpec('data'))
-  keys = ('image', 'label', 'instance_edges')
-  return {k: jax.make_array_from_process_local_data(sharding, batch[k])
-          for k in keys}
-
-
 # ---------------------------------------------------------------------------
 # Evaluation-mode generation (samples, colour error).
 # ---------------------------------------------------------------------------
-def generator_variables(state: TrainState, use_ema: bool = True) -> Dict:
-  """The generator's inference variables (EMA weights when kept), on host."""
-  params = state.g_params['generator']
-  if use_ema and state.ema_params is not None:
-    params = state.ema_params
-  # Replicated global arrays -> this process's copy, so that evaluation runs
-  # on local devices only (also with several processes).
-  local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(
-      x, jax.Array) else np.asarray(x)
-  return jax.tree_util.tree_map(
-      local, {'params': params, 'batch_stats': state.g_stats['generator']})
-
-
 def make_generate_fn(config):
   """jit(eval-mode generator), z = 0 (the prior's mean) for VAE models."""
   gen = models.make_generator(config)
@@ -428,69 +187,6 @@ def sample_grid(config, generate, g_vars, batch, colors) -> np.ndarray:
                           visualize.image_to_uint8(gen)], axis=1)
           for lab, real, gen in zip(batch['label'], batch['image'], fake)]
   return np.concatenate(rows, axis=0)[None]
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints.
-# ---------------------------------------------------------------------------
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                         create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
-                                            'checkpoints'), options=options)
-
-
-def save_checkpoint(mngr, state: TrainState, config) -> None:
-  step = int(jax.device_get(state.step))
-  meta = {'step': step, 'examples_seen': step * config.batch_size,
-          'global_batch_size': config.batch_size, 'seed': config.seed}
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)))
-  mngr.wait_until_finished()
-  logging.info('Saved checkpoint at step %d', step)
-
-
-def restore_checkpoint(mngr, state: TrainState, config,
-                       mesh: Optional[jax.sharding.Mesh] = None, *,
-                       set_aside_damaged: bool = False) -> TrainState:
-  """The newest readable checkpoint, replicated over `mesh`'s devices.
-
-  The target sharding is this run's (default: `make_mesh(config)`), not the
-  one saved with the checkpoint, so a run resumes on any number of devices
-  and processes. Damaged newer steps are skipped with a warning naming
-  their folders (see `checkpoints.restore_newest`); with
-  `set_aside_damaged` (training) they are moved to
-  WORKDIR/damaged_checkpoints/ so that training can write those steps again.
-  """
-  replicated = jax.sharding.NamedSharding(
-      mesh if mesh is not None else make_mesh(config),
-      jax.sharding.PartitionSpec())
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      state)
-  restored, step, damaged = checkpoints.restore_newest(
-      mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=ocp.args.JsonRestore())))
-  if damaged and set_aside_damaged:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('checkpoint restored')
-    if jax.process_index() == 0:
-      checkpoints.set_aside(mngr, damaged)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('damaged checkpoints set aside')
-      if jax.process_index() > 0:
-        mngr.reload()
-  meta = restored['data']
-  if meta['global_batch_size'] != config.batch_size:
-    raise ValueError(
-        f'The checkpoint at step {step} was trained with batch_size='
-        f"{meta['global_batch_size']}, this run has {config.batch_size}: the "
-        'data position would not match. Resume with the same batch size, or '
-        'start a new workdir (with config.init_from to keep the weights).')
-  logging.info('Resumed from step %d (%d examples seen)', step,
-               meta['examples_seen'])
-  return restored['state']
 
 
 class _StopRequest:
@@ -539,11 +235,11 @@ def _check_finite(history, step: int, mngr) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+                       workdir: str) -> train_state.TrainState:
   """Trains (resuming from `workdir` when it holds checkpoints)."""
-  validate_config(config)
+  run_config.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data_dir = resolve_data_dir(config, workdir)
+  data_dir = run_config.resolve_data_dir(config, workdir)
   info = records.DatasetInfo.load(data_dir)
   steps_per_epoch = input_pipeline.steps_per_epoch(
       data_dir, config.train_split, config.batch_size)
@@ -555,16 +251,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.write_hparams({k: v for k, v in config.items()
                         if isinstance(v, (int, float, str, bool))})
 
-  mesh = make_mesh(config)
-  tx_g, tx_d, sched_g, sched_d = make_optimizers(config, steps_per_epoch)
-  state = create_train_state(config, jax.random.PRNGKey(config.seed), tx_g,
+  mesh = sharding.make_mesh(config)
+  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, steps_per_epoch)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed), tx_g,
                              tx_d)
-  mngr = checkpoint_manager(workdir, config)
+  mngr = train_state.checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
-    state = restore_checkpoint(mngr, state, config, mesh,
+    state = train_state.restore_checkpoint(mngr, state, config, mesh,
                                set_aside_damaged=True)
   elif config.init_from:
-    state = apply_init_from(state, config, tx_g, tx_d)
+    state = train_state.apply_init_from(state, config, tx_g, tx_d)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
@@ -593,13 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   fid_every = int(config.get('fid_every_steps', 0))
   training_fid = None
   if chief and fid_every > 0:
-    from spade_jax import evaluate  # pylint: disable=g-import-not-at-top
     training_fid = evaluate.TrainingFID(config, data_dir)
 
   def write_samples_and_error(step):
     if not chief:
       return
-    g_vars = generator_variables(state)
+    g_vars = train_state.generator_variables(state)
     if step:
       writer.write_images(step, {'samples': sample_grid(
           config, generate, g_vars, sample_batch, info.colors)})
@@ -610,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def write_fid(step):
     if training_fid is None:
       return
-    score = training_fid(generator_variables(state))
+    score = training_fid(train_state.generator_variables(state))
     writer.write_scalars(step, {'eval/fid': score})
     logging.info('FID at step %d: %.4f', step, score)
 
@@ -626,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       write_samples_and_error(0)
     step = start
     while step < num_steps:
-      batch = global_batch(next(train_iter), mesh)
+      batch = sharding.global_batch(next(train_iter), mesh)
       state, step_metrics = step_fn(state, batch, vgg_params)
       history.append(step_metrics)
       step += 1
@@ -654,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if history:
           history = jax.device_get(history)
           _check_finite(history, step, mngr)
-        save_checkpoint(mngr, state, config)
+        train_state.save_checkpoint(mngr, state, config)
       if stop_now:
         logging.warning('Stopped at step %d on request; run the same command '
                         'again to resume.', step)

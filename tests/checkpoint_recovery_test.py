@@ -21,7 +21,8 @@ from configs import default
 from spade_jax import checkpoints
 from spade_jax import export
 from spade_jax import model_io
-from spade_jax import train
+from spade_jax import sharding
+from spade_jax import train_state
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -45,8 +46,8 @@ def _state(config, step):
   """
   key = config.to_json()
   if key not in _SHAPES:
-    tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
-    _SHAPES[key] = jax.eval_shape(lambda: train.create_train_state(
+    tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
+    _SHAPES[key] = jax.eval_shape(lambda: train_state.create_train_state(
         config, jax.random.PRNGKey(0), tx_g, tx_d))
   leaves, tree = jax.tree_util.tree_flatten(_SHAPES[key])
   rs = np.random.RandomState(step)
@@ -71,9 +72,9 @@ def _workdir(tmp_path, config, steps):
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort())
-  mngr = train.checkpoint_manager(workdir, config)
+  mngr = train_state.checkpoint_manager(workdir, config)
   for step in steps:
-    train.save_checkpoint(mngr, _state(config, step), config)
+    train_state.save_checkpoint(mngr, _state(config, step), config)
   mngr.close()
   return workdir
 
@@ -142,10 +143,10 @@ def test_training_resumes_from_the_newest_good_step_and_sets_the_bad_aside(
     saved, tmp_path, caplog):
   config, workdir = _copy(saved, tmp_path)
   _damage(workdir, 4, 'empty_metadata')
-  mngr = train.checkpoint_manager(workdir, config)
+  mngr = train_state.checkpoint_manager(workdir, config)
   fresh = _state(config, 0)
   with caplog.at_level('WARNING'):
-    state = train.restore_checkpoint(mngr, fresh, config,
+    state = train_state.restore_checkpoint(mngr, fresh, config,
                                      set_aside_damaged=True)
   assert int(state.step) == 2
   _assert_state_equal(state, _state(config, 2))
@@ -156,8 +157,8 @@ def test_training_resumes_from_the_newest_good_step_and_sets_the_bad_aside(
   assert os.path.join(workdir, 'checkpoints', '4') in warnings
   assert moved in warnings
   # Training can write step 4 again; then it is the one restored.
-  train.save_checkpoint(mngr, _state(config, 4), config)
-  assert int(train.restore_checkpoint(mngr, fresh, config).step) == 4
+  train_state.save_checkpoint(mngr, _state(config, 4), config)
+  assert int(train_state.restore_checkpoint(mngr, fresh, config).step) == 4
   mngr.close()
 
 
@@ -200,7 +201,7 @@ def _device_worker(workdir, restore_step, save_step):
   import time  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   report = {'devices': jax.device_count(), 'warnings': []}
   if restore_step is not None:
@@ -210,12 +211,12 @@ def _device_worker(workdir, restore_step, save_step):
     while not os.path.isdir(folder):
       assert time.monotonic() < deadline, f'{folder} never appeared'
       time.sleep(0.2)
-  mngr = train.checkpoint_manager(workdir, config)
+  mngr = train_state.checkpoint_manager(workdir, config)
   if restore_step is not None:
     assert mngr.latest_step() == restore_step, mngr.all_steps()
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter('always')
-      state = train.restore_checkpoint(mngr, _state(config, 0), config, mesh)
+      state = train_state.restore_checkpoint(mngr, _state(config, 0), config, mesh)
     report['warnings'] = [str(w.message) for w in caught]
     for leaf in jax.tree_util.tree_leaves(state):
       assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim), (
@@ -226,7 +227,7 @@ def _device_worker(workdir, restore_step, save_step):
                                       np.asarray(leaf))
     _assert_state_equal(state, _state(config, restore_step))
   state = jax.device_put(_state(config, save_step), replicated)
-  train.save_checkpoint(mngr, state, config)
+  train_state.save_checkpoint(mngr, state, config)
   mngr.close()
   print(json.dumps(report))
 

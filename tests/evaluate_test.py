@@ -17,9 +17,11 @@ from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
 from spade_jax import layers
+from spade_jax import run_config
 from spade_jax import segmentation_metrics
 from spade_jax import segmenters
 from spade_jax import train
+from spade_jax import train_state
 from spade_jax import visualize
 import segmenter_torch
 
@@ -85,14 +87,14 @@ def test_fid_written_printed_and_right(run, capsys):
 
   # The same number from the training-side generator (EMA weights) and the
   # first 3 real images, computed independently.
-  data_dir = train.resolve_data_dir(config, workdir)
+  data_dir = run_config.resolve_data_dir(config, workdir)
   batches = list(input_pipeline.numpy_batches(input_pipeline.create_split(
       config, data_dir, 'val', train=False, process_index=0,
       process_count=1)))
   label, real, edges = (batches[0][k][:3]
                         for k in ('label', 'image', 'instance_edges'))
   generate = train.make_generate_fn(config)
-  g_vars = train.generator_variables(state, use_ema=True)
+  g_vars = train_state.generator_variables(state, use_ema=True)
   fake = np.asarray(generate(g_vars, label, edges))
   extractor = fid.FeatureExtractor(inception.load_inception_params(
       config.inception_weights), batch_size=4)
@@ -149,7 +151,7 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
   seg_config = eval_config(inception_weights=inception,
                            segmenter_weights=drn_weights,
                            segmenter_single_scale=True,
-                           data_dir=train.resolve_data_dir(config, workdir))
+                           data_dir=run_config.resolve_data_dir(config, workdir))
   added = []
   real_add = segmentation_metrics.ConfusionMatrix.add
 
@@ -165,7 +167,7 @@ def test_segmentation_scores_written_and_printed(run, tmp_path, monkeypatch,
   labels = np.concatenate([a[0] for a in added])
   preds = np.concatenate([a[1] for a in added])
   batch = next(input_pipeline.numpy_batches(input_pipeline.create_split(
-      config, train.resolve_data_dir(config, workdir), 'val', train=False,
+      config, run_config.resolve_data_dir(config, workdir), 'val', train=False,
       process_index=0, process_count=1)))
   np.testing.assert_array_equal(labels, segmenters.labels_from_spade(
       'drn105_cityscapes', batch['label'][:3]))

@@ -22,6 +22,7 @@ from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import train
+from spade_jax import train_state
 from spade_jax.synthesizer import Synthesizer
 
 TOL = 2e-5
@@ -64,8 +65,8 @@ def fake_train_state(config, seed=0):
   right shapes (positive variances, unit spectral vectors) serve as well:
   running statistics and spectral vectors then differ from an init's.
   """
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
-  abstract = jax.eval_shape(lambda: train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
+  abstract = jax.eval_shape(lambda: train_state.create_train_state(
       config, jax.random.PRNGKey(0), tx_g, tx_d))
   rng = np.random.default_rng(seed)
 
@@ -96,8 +97,8 @@ def make_workdir(workdir, config, seed=0):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  mngr = train.checkpoint_manager(workdir, config)
-  train.save_checkpoint(mngr, state, config)
+  mngr = train_state.checkpoint_manager(workdir, config)
+  train_state.save_checkpoint(mngr, state, config)
   mngr.close()
   return state
 
@@ -129,7 +130,7 @@ def expected(exported):
   label, instance = sample_inputs(config)
   edges = np.asarray(layers.instance_edges(jnp.asarray(instance)))
   return np.asarray(train.make_generate_fn(config)(
-      train.generator_variables(state), label, edges))
+      train_state.generator_variables(state), label, edges))
 
 
 def test_exports_generator_variables_and_config(exported):
@@ -137,7 +138,7 @@ def test_exports_generator_variables_and_config(exported):
   loaded_config, variables = model_io.load_model(out)
   assert sorted(variables) == ['generator']
   assert loaded_config.ngf == config.ngf
-  want = train.generator_variables(state, use_ema=True)
+  want = train_state.generator_variables(state, use_ema=True)
   got = variables['generator']
   for a, b in zip(jax.tree_util.tree_leaves(want),
                   jax.tree_util.tree_leaves(got)):
@@ -185,7 +186,7 @@ def test_other_label_size_resized_like_pipeline(exported, expected):
   # A module for 2x larger maps: labels are resized (PIL nearest) inside.
   h, w = models.output_size(config)
   fn = jax.jit(export.make_inference_fn(
-      config, train.generator_variables(state), 2 * h, 2 * w))
+      config, train_state.generator_variables(state), 2 * h, 2 * w))
   label, instance = sample_inputs(config)
   big = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
   np.testing.assert_allclose(np.asarray(fn(big(label), big(instance))),

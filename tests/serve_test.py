@@ -22,7 +22,7 @@ from PIL import Image
 import pytest
 
 from data_pipelines import records
-from data_pipelines import synthetic
+from data_pipelines import scenes
 from export_test import make_workdir
 from export_test import tiny_config
 from spade_jax import export
@@ -166,8 +166,8 @@ def test_page_and_classes(plain):
   assert status == 200
   info = json.loads(body)
   assert info['num_classes'] == 8
-  assert info['names'] == list(synthetic.CLASS_NAMES)
-  assert info['colors'] == [list(c) for c in synthetic.CLASS_COLORS]
+  assert info['names'] == list(scenes.CLASS_NAMES)
+  assert info['colors'] == [list(c) for c in scenes.CLASS_COLORS]
   assert info['image_size'] == [32, 32]
   assert info['use_vae'] is False and info['has_encoder'] is False
   assert info['no_instance'] is False
@@ -424,8 +424,8 @@ def test_export_writes_classes_and_cli_serves_a_workdir(root, plain):
   out = str(root / 'exported')
   export.export(model.source, out, with_jax_export=False)
   assert model_io.load_classes(out) == {
-      'names': list(synthetic.CLASS_NAMES),
-      'colors': [list(c) for c in synthetic.CLASS_COLORS]}
+      'names': list(scenes.CLASS_NAMES),
+      'colors': [list(c) for c in scenes.CLASS_COLORS]}
 
   # A training workdir of a built data set: its dataset_info.json's.
   data = root / 'data'

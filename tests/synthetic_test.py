@@ -10,13 +10,14 @@ import tensorflow as tf
 
 from data_pipelines import build
 from data_pipelines import records
+from data_pipelines import scenes
 from data_pipelines import synthetic
 
 SIZE = 48
 
 
 def _scenes(n, size=SIZE, seed=0):
-  return [synthetic.generate_scene(synthetic.scene_rng(seed, 'train', i),
+  return [scenes.generate_scene(scenes.scene_rng(seed, 'train', i),
                                    size) for i in range(n)]
 
 
@@ -25,7 +26,7 @@ def _shard_bytes(data_dir: pathlib.Path):
 
 
 def test_class_names_and_colors():
-  info = synthetic.dataset_info()
+  info = scenes.dataset_info()
   assert info.class_names == ['sky', 'cloud', 'mountain', 'water', 'grass',
                               'sand', 'tree', 'rock']
   assert (info.label_nc, info.contain_dontcare_label, info.has_instance) == (
@@ -34,10 +35,10 @@ def test_class_names_and_colors():
 
 
 def test_scene_is_deterministic_per_seed():
-  a = synthetic.generate_scene(synthetic.scene_rng(3, 'train', 5), SIZE)
-  b = synthetic.generate_scene(synthetic.scene_rng(3, 'train', 5), SIZE)
-  c = synthetic.generate_scene(synthetic.scene_rng(4, 'train', 5), SIZE)
-  d = synthetic.generate_scene(synthetic.scene_rng(3, 'val', 5), SIZE)
+  a = scenes.generate_scene(scenes.scene_rng(3, 'train', 5), SIZE)
+  b = scenes.generate_scene(scenes.scene_rng(3, 'train', 5), SIZE)
+  c = scenes.generate_scene(scenes.scene_rng(4, 'train', 5), SIZE)
+  d = scenes.generate_scene(scenes.scene_rng(3, 'val', 5), SIZE)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
@@ -51,7 +52,7 @@ def test_scene_shapes_classes_and_instances():
   for image, label, inst in scenes:
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert label.shape == inst.shape == (SIZE, SIZE)
-    assert label.max() < synthetic.LABEL_NC
+    assert label.max() < scenes.LABEL_NC
     seen |= set(np.unique(label).tolist())
     # Every instance id covers one class; stuff keeps its class id, objects
     # (cloud, mountain, tree, rock) get their own ids from 8 up.
@@ -59,14 +60,14 @@ def test_scene_shapes_classes_and_instances():
       classes = np.unique(label[inst == iid])
       assert len(classes) == 1, (iid, classes)
       if iid < 8:
-        assert classes[0] == iid and iid in (synthetic.SKY, synthetic.WATER,
-                                             synthetic.GRASS, synthetic.SAND)
+        assert classes[0] == iid and iid in (scenes.SKY, scenes.WATER,
+                                             scenes.GRASS, scenes.SAND)
       else:
-        assert classes[0] in (synthetic.CLOUD, synthetic.MOUNTAIN,
-                              synthetic.TREE, synthetic.ROCK)
+        assert classes[0] in (scenes.CLOUD, scenes.MOUNTAIN,
+                              scenes.TREE, scenes.ROCK)
   assert seen == set(range(8))
   # Several trees in one scene are separate instances.
-  assert any(len(np.unique(inst[label == synthetic.TREE])) > 1
+  assert any(len(np.unique(inst[label == scenes.TREE])) > 1
              for _, label, inst in scenes)
 
 
@@ -77,13 +78,13 @@ def test_image_colours_follow_the_label():
   labels = np.concatenate([s[1].ravel() for s in scenes])
   means = np.stack([pixels[labels == k].mean(0) for k in range(8)])
   r, g, b = means.T
-  assert b[synthetic.SKY] > r[synthetic.SKY] + 0.2
-  assert means[synthetic.CLOUD].min() > 0.75
-  assert g[synthetic.GRASS] > r[synthetic.GRASS] + 0.1
-  assert g[synthetic.GRASS] > b[synthetic.GRASS] + 0.1
-  assert r[synthetic.SAND] > b[synthetic.SAND] + 0.15
-  assert means[synthetic.TREE].sum() < means[synthetic.GRASS].sum() - 0.3
-  assert np.ptp(means[synthetic.ROCK]) < 0.05  # Grey.
+  assert b[scenes.SKY] > r[scenes.SKY] + 0.2
+  assert means[scenes.CLOUD].min() > 0.75
+  assert g[scenes.GRASS] > r[scenes.GRASS] + 0.1
+  assert g[scenes.GRASS] > b[scenes.GRASS] + 0.1
+  assert r[scenes.SAND] > b[scenes.SAND] + 0.15
+  assert means[scenes.TREE].sum() < means[scenes.GRASS].sum() - 0.3
+  assert np.ptp(means[scenes.ROCK]) < 0.05  # Grey.
   dist = ((pixels[:, None, :] - means[None]) ** 2).sum(-1)
   correct = dist.argmin(1) == labels
   assert correct.mean() > 0.85, correct.mean()
@@ -91,11 +92,11 @@ def test_image_colours_follow_the_label():
   assert min(per_class) > 0.4 and np.mean(per_class) > 0.75, per_class
   # Textured, not flat: grass and water vary within a scene.
   image, label, _ = scenes[0]
-  assert image[label == synthetic.GRASS].std(0).mean() > 3
+  assert image[label == scenes.GRASS].std(0).mean() > 3
 
 
 def test_generation_is_fast():
-  synthetic.generate_scene(synthetic.scene_rng(0, 'train', 0), 96)
+  scenes.generate_scene(scenes.scene_rng(0, 'train', 0), 96)
   start = time.perf_counter()
   for i in range(20):
     synthetic.scene_record(0, 'train', i, 96)
@@ -118,8 +119,8 @@ def test_ensure_synthetic_builds_and_is_idempotent(tmp_path):
   paths = records.shard_paths(str(out), 'val', 1)
   serialized = next(iter(tf.data.TFRecordDataset(paths)))
   ex = {k: v.numpy() for k, v in records.parse_example(serialized).items()}
-  image, label, inst = synthetic.generate_scene(
-      synthetic.scene_rng(1, 'val', 0), 32)
+  image, label, inst = scenes.generate_scene(
+      scenes.scene_rng(1, 'val', 0), 32)
   assert ex['file_name'] == b'val_000000'
   for key, want in (('image', image), ('label', label), ('instance', inst)):
     np.testing.assert_array_equal(

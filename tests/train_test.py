@@ -25,9 +25,13 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from data_pipelines import scenes
 from data_pipelines import synthetic
 from spade_jax import layers
+from spade_jax import run_config
+from spade_jax import sharding
 from spade_jax import train
+from spade_jax import train_state
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -108,11 +112,11 @@ def _run(cmd, env, timeout=600):
 
 def _final_state(workdir, config):
   """The state in the latest checkpoint of `workdir`, as numpy."""
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
-  mngr = train.checkpoint_manager(str(workdir), config)
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
+  mngr = train_state.checkpoint_manager(str(workdir), config)
   step = mngr.latest_step()
-  state = train.restore_checkpoint(mngr, state, config)
+  state = train_state.restore_checkpoint(mngr, state, config)
   mngr.close()
   return step, jax.tree_util.tree_map(np.asarray, state)
 
@@ -130,17 +134,17 @@ def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 # Schedule and optimiser settings.
 # ---------------------------------------------------------------------------
 def test_lr_schedule_is_constant_then_linear_by_epoch():
-  sched = train.lr_schedule(1.0, steps_per_epoch=10, niter=2, niter_decay=4)
+  sched = train_state.lr_schedule(1.0, steps_per_epoch=10, niter=2, niter_decay=4)
   got = [float(sched(s)) for s in (0, 19, 20, 29, 30, 45, 59, 60, 100)]
   # Epochs 0-1 at 1; epoch 2 -> 1 - 0/4; epoch 3 -> 0.75; 4 -> 0.5; 5 -> 0.25.
   np.testing.assert_allclose(got, [1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
-  flat = train.lr_schedule(0.5, steps_per_epoch=10, niter=2, niter_decay=0)
+  flat = train_state.lr_schedule(0.5, steps_per_epoch=10, niter=2, niter_decay=0)
   assert float(flat(1000)) == 0.5
 
 
 def test_adam_eps_is_used_and_checked():
   config = tiny_config(lr=2e-4, adam_eps=1.0)
-  tx_g, tx_d, _, _ = train.make_optimizers(config, steps_per_epoch=10)
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, steps_per_epoch=10)
   grads = {'w': jnp.array([1e-3, -2.0, 0.0])}
   # First step with beta1=0: -lr * g / (|g| + eps).
   for tx, lr in ((tx_g, 1e-4), (tx_d, 4e-4)):
@@ -148,14 +152,14 @@ def test_adam_eps_is_used_and_checked():
     np.testing.assert_allclose(updates['w'], -lr * grads['w'] / (
         np.abs(grads['w']) + 1.0), rtol=1e-5)
   with pytest.raises(ValueError, match='adam_eps=0.0 must be positive'):
-    train.validate_config(tiny_config(adam_eps=0.0))
+    run_config.validate_config(tiny_config(adam_eps=0.0))
 
 
 def test_ttur_and_plain_adam_settings():
   config = tiny_config(lr=2e-4)
-  assert train.learning_rates(config) == (1e-4, 4e-4, 0.0, 0.9)
+  assert train_state.learning_rates(config) == (1e-4, 4e-4, 0.0, 0.9)
   config.no_TTUR, config.beta1, config.beta2 = True, 0.5, 0.999
-  assert train.learning_rates(config) == (2e-4, 2e-4, 0.5, 0.999)
+  assert train_state.learning_rates(config) == (2e-4, 2e-4, 0.5, 0.999)
 
 
 # ---------------------------------------------------------------------------
@@ -163,29 +167,29 @@ def test_ttur_and_plain_adam_settings():
 # ---------------------------------------------------------------------------
 def test_crop_size_the_upsamplings_cannot_produce_is_rejected():
   with pytest.raises(ValueError, match=r'crop_size=48.*multiple of 32'):
-    train.validate_config(tiny_config(crop_size=48))
+    run_config.validate_config(tiny_config(crop_size=48))
 
 
 def test_batch_not_divisible_by_devices_is_rejected(monkeypatch):
   monkeypatch.setattr(jax, 'devices', lambda: jax.local_devices()[:1] * 3)
   with pytest.raises(ValueError, match=r'batch_size=4 .* 3 devices'):
-    train.validate_config(tiny_config())
+    run_config.validate_config(tiny_config())
   # The first two of the three divide it.
-  train.validate_config(tiny_config(num_devices=2))
-  assert len(train.mesh_devices(tiny_config(num_devices=2))) == 2
+  run_config.validate_config(tiny_config(num_devices=2))
+  assert len(sharding.mesh_devices(tiny_config(num_devices=2))) == 2
   with pytest.raises(ValueError, match=r'num_devices=4, but 3 cpu .*1\.\.3'):
-    train.validate_config(tiny_config(num_devices=4))
+    run_config.validate_config(tiny_config(num_devices=4))
   with pytest.raises(ValueError, match=r'num_devices=-1'):
-    train.mesh_devices(tiny_config(num_devices=-1))
+    sharding.mesh_devices(tiny_config(num_devices=-1))
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(ValueError, match=r'num_devices=2 with 2 processes'):
-    train.mesh_devices(tiny_config(num_devices=2))
-  assert len(train.mesh_devices(tiny_config())) == 3
+    sharding.mesh_devices(tiny_config(num_devices=2))
+  assert len(sharding.mesh_devices(tiny_config())) == 3
 
 
 def test_vgg_loss_without_weights_says_how_to_get_them():
   with pytest.raises(ValueError) as info:
-    train.validate_config(tiny_config(lambda_vgg=10.0))
+    run_config.validate_config(tiny_config(lambda_vgg=10.0))
   message = str(info.value)
   assert 'vgg_weights' in message and 'lambda_vgg=0' in message
   assert 'vgg19' in message
@@ -194,15 +198,15 @@ def test_vgg_loss_without_weights_says_how_to_get_them():
 def test_missing_data_dir_is_named(tmp_path):
   config = tiny_config(dataset='coco_stuff', label_nc=182)
   with pytest.raises(ValueError, match='data_dir'):
-    train.resolve_data_dir(config, str(tmp_path))
+    run_config.resolve_data_dir(config, str(tmp_path))
   config.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(Exception, match='nowhere'):
-    train.resolve_data_dir(config, str(tmp_path))
+    run_config.resolve_data_dir(config, str(tmp_path))
 
 
 def test_fid_during_training_without_weights_says_what_to_get():
   with pytest.raises(ValueError) as info:
-    train.validate_config(tiny_config(fid_every_steps=100))
+    run_config.validate_config(tiny_config(fid_every_steps=100))
   message = str(info.value)
   assert 'inception_weights' in message and 'fid_every_steps=0' in message
   assert 'pt_inception' in message
@@ -210,7 +214,7 @@ def test_fid_during_training_without_weights_says_what_to_get():
 
 def test_unknown_gan_mode_is_rejected():
   with pytest.raises(ValueError, match='gan_mode'):
-    train.validate_config(tiny_config(gan_mode='wasserstein-ish'))
+    run_config.validate_config(tiny_config(gan_mode='wasserstein-ish'))
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +232,7 @@ def _scene_batch(config, seed):
   """A batch of synthetic landscape scenes at the crop size (real-looking
   labels, images and instance edges; random noise images make the
   discriminator's real and fake gradients nearly cancel)."""
-  scenes = [synthetic.generate_scene(synthetic.scene_rng(seed, 'train', i),
+  scenes = [scenes.generate_scene(scenes.scene_rng(seed, 'train', i),
                                      config.crop_size)
             for i in range(config.batch_size)]
   image, label, inst = (np.stack(x) for x in zip(*scenes))
@@ -245,14 +249,14 @@ def _run_steps(config, num_steps, batches=None, sgd_lr=None, perturb=None):
   array, applied to the images of every batch), also the initial state:
   (init, state, history).
   """
-  tx_g, tx_d, sched_g, sched_d = train.make_optimizers(config, 100)
+  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, 100)
   if sgd_lr:
     tx_g = tx_d = optax.sgd(sgd_lr)
-  state = train.create_train_state(config, jax.random.PRNGKey(config.seed),
+  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed),
                                    tx_g, tx_d)
   if perturb:
     init = jax.device_get(state)
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   state = jax.device_put(state, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
   step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
@@ -262,7 +266,7 @@ def _run_steps(config, num_steps, batches=None, sgd_lr=None, perturb=None):
     batch = batches[i] if batches else _random_batch(config, i)
     if perturb:
       batch = dict(batch, image=perturb(batch['image']))
-    state, metrics = step_fn(state, train.global_batch(batch, mesh), None)
+    state, metrics = step_fn(state, sharding.global_batch(batch, mesh), None)
     history.append(jax.device_get(metrics))
   if perturb:
     return init, jax.device_get(state), history
@@ -276,8 +280,8 @@ def float32_two_steps():
 
 def test_train_step_updates_both_networks_and_stats(float32_two_steps):
   config = tiny_config()
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 100)
-  init = jax.device_get(train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 100)
+  init = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
   state, history = float32_two_steps
   assert int(state.step) == 2
@@ -308,8 +312,8 @@ def test_vae_and_ema_train_step():
   assert np.isfinite(history[0]['KLD']) and history[0]['KLD'] > 0
   assert 'encoder' in state.g_params
   # EMA after one step: 0.9 * init + 0.1 * updated.
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 100)
-  init = jax.device_get(train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 100)
+  init = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
   want = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 0.1 * b,
                                 init.g_params['generator'],
@@ -664,8 +668,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
     assert abs(two_losses[key] - value) <= tol, (key, value, two_losses[key],
                                                  tol)
 
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
-  init = jax.device_get(train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
+  init = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]).astype(
@@ -708,8 +712,8 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path, straight_run,
 def test_init_from_a_model_folder(tmp_path, data_dir):
   from spade_jax import model_io  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir=data_dir, num_train_steps=0)
-  tx_g, tx_d, _, _ = train.make_optimizers(config, 1)
-  source = jax.device_get(train.create_train_state(
+  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
+  source = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(123), tx_g, tx_d))
   folder = str(tmp_path / 'model')
   model_io.save_model(folder, config, {
@@ -717,14 +721,14 @@ def test_init_from_a_model_folder(tmp_path, data_dir):
                     'batch_stats': source.g_stats['generator']},
       'discriminator': {'params': source.d_params,
                         'batch_stats': source.d_stats}})
-  fresh = train.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
-  started = train.apply_init_from(fresh, _with_init(config, folder), tx_g,
+  fresh = train_state.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
+  started = train_state.apply_init_from(fresh, _with_init(config, folder), tx_g,
                                   tx_d)
   _assert_trees_equal(jax.device_get(started.g_params), source.g_params)
   _assert_trees_equal(jax.device_get(started.d_params), source.d_params)
   other = _with_init(tiny_config(ngf=16), folder)
   with pytest.raises(ValueError, match='ngf=8 there vs 16 here'):
-    train.apply_init_from(fresh, other, tx_g, tx_d)
+    train_state.apply_init_from(fresh, other, tx_g, tx_d)
 
 
 def _with_init(config, folder):

@@ -1,0 +1,85 @@
+"""A run's config checked and resolved before anything heavy starts.
+
+`validate_config` stops at start-up with a clear message on settings that
+cannot work (model shapes, devices, weight files the losses need);
+`resolve_data_dir` finds the TFRecord folder, generating the synthetic set
+on first use. Training and evaluation both start with them.
+"""
+import os
+
+from jax.experimental import multihost_utils
+import jax
+import ml_collections
+
+from data_pipelines import records
+from data_pipelines import synthetic
+from spade_jax import inception
+from spade_jax import losses
+from spade_jax import models
+from spade_jax import sharding
+from spade_jax import vgg as vgg_lib
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Stops at start-up with a clear message on settings that cannot work."""
+  try:
+    models.make_generator(config)
+    models.make_discriminator(config)
+    if config.use_vae:
+      models.make_encoder(config)
+  except ValueError as e:
+    raise ValueError(f'Invalid model config: {e}') from None
+  want = (round(config.crop_size / config.aspect_ratio), config.crop_size)
+  got = models.output_size(config)
+  if got != want or min(got) < 1:
+    n = {'normal': 5, 'more': 6, 'most': 7}[config.num_upsampling_layers]
+    raise ValueError(
+        f'crop_size={config.crop_size} with aspect_ratio='
+        f'{config.aspect_ratio} needs a {want[0]}x{want[1]} image, but '
+        f'num_upsampling_layers={config.num_upsampling_layers!r} '
+        f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
+        f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
+        'one), or another num_upsampling_layers.')
+  num_devices = len(sharding.mesh_devices(config))
+  if config.batch_size % num_devices:
+    raise ValueError(
+        f'batch_size={config.batch_size} is not divisible by the '
+        f'{num_devices} devices: the batch is split evenly over them.')
+  if config.get('fid_every_steps', 0) > 0 and not config.get(
+      'inception_weights', ''):
+    raise ValueError(
+        f'fid_every_steps={config.fid_every_steps} computes FID during '
+        'training and needs config.inception_weights (or set '
+        'fid_every_steps=0). ' + inception.HOW_TO_GET)
+  if not config.get('adam_eps', 1e-8) > 0:
+    raise ValueError(f'adam_eps={config.adam_eps} must be positive.')
+  if config.gan_mode not in losses.GAN_MODES:
+    raise ValueError(f'gan_mode={config.gan_mode!r}: expected one of '
+                     f'{losses.GAN_MODES}.')
+  if config.lambda_vgg > 0 and not config.vgg_weights:
+    raise ValueError(
+        f'lambda_vgg={config.lambda_vgg} needs pretrained VGG19 weights: set '
+        '--config.vgg_weights to torchvision\'s ImageNet vgg19 state-dict file '
+        f'({vgg_lib.WEIGHTS_FILE_NAME}, from the torchvision model zoo) or an '
+        '.npz made from it with `python -m spade_jax.vgg IN.pth OUT.npz`; or '
+        'turn the perceptual loss off with --config.lambda_vgg=0.')
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The TFRecord folder; the synthetic set is generated there if needed."""
+  if config.dataset == 'synthetic':
+    data_dir = config.data_dir or os.path.join(workdir, 'data', 'synthetic')
+    if jax.process_index() == 0:
+      synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
+                                 config.synthetic_num_val,
+                                 config.synthetic_size, seed=0)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('synthetic data ready')
+    return data_dir
+  if not config.data_dir:
+    raise ValueError(
+        f'dataset={config.dataset!r} needs --config.data_dir: the folder '
+        'written by `python -m data_pipelines.build --dataset '
+        f'{config.dataset} --manual_dir SRC --data_dir OUT`.')
+  records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
+  return config.data_dir

@@ -1,0 +1,231 @@
+"""The training state: both networks, their optimisers, saved and restored.
+
+`TrainState` holds what a run carries from step to step; `make_optimizers`
+builds the reference's Adam settings and learning-rate schedules;
+`create_train_state` initialises it for a config, `apply_init_from` starts
+it from a model folder, and the orbax checkpoint functions save it and
+restore the newest readable step (`checkpoints.py`) on this run's mesh.
+`generator_variables` takes the generator's inference variables out of it.
+Used by training, evaluation, export and the server; it imports neither
+TensorFlow nor the losses.
+"""
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from absl import logging
+import flax
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from spade_jax import checkpoints
+from spade_jax import model_io
+from spade_jax import models
+from spade_jax import sharding
+
+# Config keys that fix the networks' architecture (checked by init_from).
+ARCHITECTURE_KEYS = (
+    'netG', 'label_nc', 'contain_dontcare_label', 'no_instance', 'ngf', 'ndf',
+    'norm_G', 'norm_D', 'norm_E', 'num_upsampling_layers', 'crop_size',
+    'aspect_ratio', 'use_vae', 'z_dim', 'n_layers_D', 'num_D',
+    'resnet_n_downsample', 'resnet_n_blocks', 'resnet_kernel_size',
+    'resnet_initial_kernel_size')
+
+
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step."""
+  step: jax.Array
+  g_params: Dict[str, Any]  # {'generator': ..., 'encoder': ... (VAE)}
+  g_stats: Dict[str, Any]   # their batch_stats (BN running stats, SN vectors)
+  d_params: Any
+  d_stats: Any
+  g_opt_state: Any
+  d_opt_state: Any
+  ema_params: Any  # EMA of the generator's params, or None
+  rng: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Optimisation.
+# ---------------------------------------------------------------------------
+def learning_rates(config) -> Tuple[float, float, float, float]:
+  """(lr_G, lr_D, beta1, beta2) as the reference: TTUR or not."""
+  if config.no_TTUR:
+    return config.lr, config.lr, config.beta1, config.beta2
+  return config.lr / 2, config.lr * 2, 0.0, 0.9
+
+
+def lr_schedule(base_lr: float, steps_per_epoch: int, niter: int,
+                niter_decay: int) -> optax.Schedule:
+  """Constant for `niter` epochs, then linear decay over `niter_decay` epochs.
+
+  Like the reference, the rate changes at epoch boundaries: during epoch k
+  (0-based) it is base_lr * (1 - max(0, k - niter) / niter_decay).
+  """
+  def schedule(step):
+    if niter_decay <= 0:
+      return jnp.asarray(base_lr, jnp.float32)
+    epoch = step // max(steps_per_epoch, 1)
+    decayed = jnp.maximum(epoch - niter, 0) / niter_decay
+    return base_lr * jnp.clip(1.0 - decayed, 0.0, 1.0)
+  return schedule
+
+
+def make_optimizers(config, steps_per_epoch: int):
+  lr_g, lr_d, b1, b2 = learning_rates(config)
+  sched_g = lr_schedule(lr_g, steps_per_epoch, config.niter,
+                        config.niter_decay)
+  sched_d = lr_schedule(lr_d, steps_per_epoch, config.niter,
+                        config.niter_decay)
+  eps = config.get('adam_eps', 1e-8)
+  return (optax.adam(sched_g, b1=b1, b2=b2, eps=eps),
+          optax.adam(sched_d, b1=b1, b2=b2, eps=eps), sched_g, sched_d)
+
+
+# ---------------------------------------------------------------------------
+# State.
+# ---------------------------------------------------------------------------
+def create_train_state(config, rng, tx_g, tx_d) -> TrainState:
+  """Initialises G (+E) and D for the config's crop size."""
+  h, w = models.output_size(config)
+  label = jnp.zeros((1, h, w), jnp.int32)
+  edges = jnp.zeros((1, h, w), jnp.float32)
+  image = jnp.zeros((1, h, w, 3), jnp.float32)
+  rng, g_rng, d_rng, e_rng, z_rng = jax.random.split(rng, 5)
+  g_vars = models.make_generator(config).init(
+      {'params': g_rng, 'z': z_rng}, label, edges)
+  d_in = jnp.zeros((1, h, w, models.semantic_nc(config) + 3), jnp.float32)
+  d_vars = models.make_discriminator(config).init(d_rng, d_in)
+  g_params = {'generator': g_vars['params']}
+  g_stats = {'generator': g_vars.get('batch_stats', {})}
+  if config.use_vae:
+    e_vars = models.make_encoder(config).init(e_rng, image)
+    g_params['encoder'] = e_vars['params']
+    g_stats['encoder'] = e_vars.get('batch_stats', {})
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), g_params=g_params, g_stats=g_stats,
+      d_params=d_vars['params'], d_stats=d_vars.get('batch_stats', {}),
+      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_vars['params']),
+      ema_params=(_copy(g_params['generator']) if config.ema_decay > 0
+                  else None),
+      rng=rng)
+
+
+def _copy(tree):
+  # Own buffers: the train step donates the state, which must not hold the
+  # same buffer twice.
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
+  """Starts from a model folder (e.g. a converted reference checkpoint)."""
+  src_config, variables = model_io.load_model(config.init_from)
+  diff = [k for k in ARCHITECTURE_KEYS
+          if k in src_config and src_config[k] != config[k]]
+  if diff:
+    raise ValueError(
+        f'config.init_from={config.init_from} was made with a different '
+        'architecture: ' + ', '.join(
+            f'{k}={src_config[k]!r} there vs {config[k]!r} here' for k in diff))
+
+  def take(name, params, stats):
+    if name not in variables:
+      logging.warning('init_from: %s has no %s; it starts from scratch.',
+                      config.init_from, name)
+      return params, stats
+    src = variables[name]
+    return (jax.tree_util.tree_map(jnp.asarray, src['params']),
+            jax.tree_util.tree_map(jnp.asarray, src.get('batch_stats', {})))
+
+  g_params, g_stats = dict(state.g_params), dict(state.g_stats)
+  for name in g_params:
+    g_params[name], g_stats[name] = take(name, g_params[name], g_stats[name])
+  d_params, d_stats = take('discriminator', state.d_params, state.d_stats)
+  logging.info('Initialised from %s', config.init_from)
+  return state.replace(
+      g_params=g_params, g_stats=g_stats, d_params=d_params, d_stats=d_stats,
+      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_params),
+      ema_params=(_copy(g_params['generator']) if state.ema_params is not None
+                  else None))
+
+
+def generator_variables(state: TrainState, use_ema: bool = True) -> Dict:
+  """The generator's inference variables (EMA weights when kept), on host."""
+  params = state.g_params['generator']
+  if use_ema and state.ema_params is not None:
+    params = state.ema_params
+  # Replicated global arrays -> this process's copy, so that evaluation runs
+  # on local devices only (also with several processes).
+  local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(
+      x, jax.Array) else np.asarray(x)
+  return jax.tree_util.tree_map(
+      local, {'params': params, 'batch_stats': state.g_stats['generator']})
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
+                                            'checkpoints'), options=options)
+
+
+def save_checkpoint(mngr, state: TrainState, config) -> None:
+  step = int(jax.device_get(state.step))
+  meta = {'step': step, 'examples_seen': step * config.batch_size,
+          'global_batch_size': config.batch_size, 'seed': config.seed}
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)))
+  mngr.wait_until_finished()
+  logging.info('Saved checkpoint at step %d', step)
+
+
+def restore_checkpoint(mngr, state: TrainState, config,
+                       mesh: Optional[jax.sharding.Mesh] = None, *,
+                       set_aside_damaged: bool = False) -> TrainState:
+  """The newest readable checkpoint, replicated over `mesh`'s devices.
+
+  The target sharding is this run's (default: `make_mesh(config)`), not the
+  one saved with the checkpoint, so a run resumes on any number of devices
+  and processes. Damaged newer steps are skipped with a warning naming
+  their folders (see `checkpoints.restore_newest`); with
+  `set_aside_damaged` (training) they are moved to
+  WORKDIR/damaged_checkpoints/ so that training can write those steps again.
+  """
+  replicated = jax.sharding.NamedSharding(
+      mesh if mesh is not None else sharding.make_mesh(config),
+      jax.sharding.PartitionSpec())
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state)
+  restored, step, damaged = checkpoints.restore_newest(
+      mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=ocp.args.JsonRestore())))
+  if damaged and set_aside_damaged:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoint restored')
+    if jax.process_index() == 0:
+      checkpoints.set_aside(mngr, damaged)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+      if jax.process_index() > 0:
+        mngr.reload()
+  meta = restored['data']
+  if meta['global_batch_size'] != config.batch_size:
+    raise ValueError(
+        f'The checkpoint at step {step} was trained with batch_size='
+        f"{meta['global_batch_size']}, this run has {config.batch_size}: the "
+        'data position would not match. Resume with the same batch size, or '
+        'start a new workdir (with config.init_from to keep the weights).')
+  logging.info('Resumed from step %d (%d examples seen)', step,
+               meta['examples_seen'])
+  return restored['state']
