@@ -39,7 +39,7 @@ def shard_paths(data_dir: str, split: str, num_shards: int) -> List[str]:
 
 
 def shard_sizes(num_examples: int, num_shards: int) -> List[int]:
-  """Records per shard as `data_pipelines.build` writes them (contiguous)."""
+  """Records per shard as `data_pipelines.writer` writes them (contiguous)."""
   starts = [i * num_examples // num_shards for i in range(num_shards + 1)]
   return [b - a for a, b in zip(starts, starts[1:])]
 

@@ -6,7 +6,7 @@ grass, sand, tree, rock; `scenes.py` draws them) with instance maps.
 Scenes are a pure function of (seed, split, index) through numpy's RNG, so
 a build is reproducible byte for byte. Images and maps are stored as PNG (no
 compression artefacts). `ensure_synthetic` builds through the same TFRecord
-writer as the real data sets (`build.py`), atomically, and records its
+writer as the real data sets (`writer.py`), atomically, and records its
 parameters in `synthetic_params.json` so a build with other parameters is
 redone rather than reused.
 """
@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from data_pipelines import build
 from data_pipelines import records
 from data_pipelines import scenes
+from data_pipelines import writer
 
 PARAMS_FILE = 'synthetic_params.json'
 # Bump when the generator's output changes, so old builds are redone.
@@ -118,11 +118,11 @@ def build_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
   for split, n in (('train', num_train), ('val', num_val)):
     if n <= 0:
       continue
-    shards = build.resolve_num_shards(
+    shards = writer.resolve_num_shards(
         n, 0, num_shards,
         examples_per_shard or (None if num_shards else _EXAMPLES_PER_SHARD))
     gen = lambda i, split=split: (scene_record(seed, split, i, size), None)
-    plan[split] = (n, shards, lambda _, n=n, gen=gen: build.ordered_map(
+    plan[split] = (n, shards, lambda _, n=n, gen=gen: writer.ordered_map(
         gen, range(n), workers))
   params = _params(num_train, num_val, size, seed)
 
@@ -131,7 +131,7 @@ def build_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
       json.dump(params, f, indent=1)
     return [PARAMS_FILE]
 
-  return build.build_splits(data_dir, scenes.dataset_info(), plan,
+  return writer.build_splits(data_dir, scenes.dataset_info(), plan,
                             keep_other_splits=False, write_extra=write_params)
 
 
@@ -160,5 +160,5 @@ def ensure_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
                'scenes of %dx%d, seed %d).', data_dir, num_train, num_val,
                size, size, seed)
   summary = build_synthetic(data_dir, num_train, num_val, size, seed)
-  logging.info('Synthetic data set: %s', build.summary_line(summary))
+  logging.info('Synthetic data set: %s', writer.summary_line(summary))
   return records.DatasetInfo.load(data_dir)

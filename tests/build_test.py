@@ -12,6 +12,7 @@ import tensorflow as tf
 from data_pipelines import build
 from data_pipelines import layouts
 from data_pipelines import records
+from data_pipelines import writer
 from spade_jax import label_maps
 
 # ---------------------------------------------------------------------------
@@ -400,16 +401,16 @@ def test_failed_rebuild_keeps_previous_build(tmp_path):
 
 
 def test_resolve_num_shards():
-  assert build.resolve_num_shards(10, 0) == 1
-  assert build.resolve_num_shards(10, 300 << 20) == 3
-  assert build.resolve_num_shards(10, 1 << 40) == 10  # Never > examples.
-  assert build.resolve_num_shards(10, 0, num_shards=4) == 4
-  assert build.resolve_num_shards(10, 0, num_shards=40) == 10
-  assert build.resolve_num_shards(10, 0, examples_per_shard=3) == 4
+  assert writer.resolve_num_shards(10, 0) == 1
+  assert writer.resolve_num_shards(10, 300 << 20) == 3
+  assert writer.resolve_num_shards(10, 1 << 40) == 10  # Never > examples.
+  assert writer.resolve_num_shards(10, 0, num_shards=4) == 4
+  assert writer.resolve_num_shards(10, 0, num_shards=40) == 10
+  assert writer.resolve_num_shards(10, 0, examples_per_shard=3) == 4
   with pytest.raises(ValueError):
-    build.resolve_num_shards(10, 0, num_shards=2, examples_per_shard=2)
+    writer.resolve_num_shards(10, 0, num_shards=2, examples_per_shard=2)
   with pytest.raises(ValueError):
-    build.resolve_num_shards(10, 0, num_shards=0)
+    writer.resolve_num_shards(10, 0, num_shards=0)
 
 
 def test_label_colormap_matches_reference_start():

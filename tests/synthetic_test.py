@@ -47,9 +47,9 @@ def test_scene_is_deterministic_per_seed():
 
 
 def test_scene_shapes_classes_and_instances():
-  scenes = _scenes(40)
+  drawn = _scenes(40)
   seen = set()
-  for image, label, inst in scenes:
+  for image, label, inst in drawn:
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert label.shape == inst.shape == (SIZE, SIZE)
     assert label.max() < scenes.LABEL_NC
@@ -68,14 +68,14 @@ def test_scene_shapes_classes_and_instances():
   assert seen == set(range(8))
   # Several trees in one scene are separate instances.
   assert any(len(np.unique(inst[label == scenes.TREE])) > 1
-             for _, label, inst in scenes)
+             for _, label, inst in drawn)
 
 
 def test_image_colours_follow_the_label():
   """A nearest-class-mean colour classifier recovers most labels."""
-  scenes = _scenes(40)
-  pixels = np.concatenate([s[0].reshape(-1, 3) for s in scenes]) / 255.0
-  labels = np.concatenate([s[1].ravel() for s in scenes])
+  drawn = _scenes(40)
+  pixels = np.concatenate([s[0].reshape(-1, 3) for s in drawn]) / 255.0
+  labels = np.concatenate([s[1].ravel() for s in drawn])
   means = np.stack([pixels[labels == k].mean(0) for k in range(8)])
   r, g, b = means.T
   assert b[scenes.SKY] > r[scenes.SKY] + 0.2
@@ -91,7 +91,7 @@ def test_image_colours_follow_the_label():
   per_class = [correct[labels == k].mean() for k in range(8)]
   assert min(per_class) > 0.4 and np.mean(per_class) > 0.75, per_class
   # Textured, not flat: grass and water vary within a scene.
-  image, label, _ = scenes[0]
+  image, label, _ = drawn[0]
   assert image[label == scenes.GRASS].std(0).mean() > 3
 
 

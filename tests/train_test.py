@@ -232,10 +232,10 @@ def _scene_batch(config, seed):
   """A batch of synthetic landscape scenes at the crop size (real-looking
   labels, images and instance edges; random noise images make the
   discriminator's real and fake gradients nearly cancel)."""
-  scenes = [scenes.generate_scene(scenes.scene_rng(seed, 'train', i),
-                                     config.crop_size)
-            for i in range(config.batch_size)]
-  image, label, inst = (np.stack(x) for x in zip(*scenes))
+  drawn = [scenes.generate_scene(scenes.scene_rng(seed, 'train', i),
+                                 config.crop_size)
+           for i in range(config.batch_size)]
+  image, label, inst = (np.stack(x) for x in zip(*drawn))
   return {'image': (image.astype(np.float32) / 127.5 - 1.0),
           'label': label.astype(np.int32),
           'instance_edges': np.asarray(layers.instance_edges(
