@@ -83,8 +83,10 @@ def get_config():
   # ---- Optimisation ----------------------------------------------------------
   config.lr = 2e-4
   config.no_TTUR = False
-  config.beta1 = 0.0  # Used when no_TTUR; TTUR forces beta1=0, beta2=0.9.
-  config.beta2 = 0.9
+  # Adam's betas; None: the reference's default for the mode (TTUR 0 / 0.9,
+  # no_TTUR 0.5 / 0.999). Values set here are used in both modes.
+  config.beta1 = config_dict.placeholder(float)
+  config.beta2 = config_dict.placeholder(float)
   # Adam's epsilon (PyTorch's and optax's default). Adam's first steps are
   # about lr * sign(gradient); a large eps (>> |gradient|) makes it SGD-like.
   config.adam_eps = 1e-8

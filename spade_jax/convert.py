@@ -95,12 +95,16 @@ def _literal(text: str):
   return text
 
 
+def _option_type(key: str) -> type:
+  """The type of our config's key (placeholders such as beta1 included)."""
+  return default_config.get_config().get_ref(key).get_type()
+
+
 def _typed(key: str, text: str, path: str, line_no: int):
   """An opt.txt value, typed as our config's key when it has one."""
-  defaults = default_config.get_config()
-  if key not in MODEL_OPTIONS or key not in defaults:
+  if key not in MODEL_OPTIONS:
     return _literal(text)
-  expected = type(defaults[key])
+  expected = _option_type(key)
   try:
     if expected is bool:
       if text not in ('True', 'False'):
@@ -180,7 +184,7 @@ def config_from_options(opt: Dict) -> ml_collections.ConfigDict:
   config = default_config.get_config()
   for key in MODEL_OPTIONS:
     if key in opt:
-      expected = type(config[key])
+      expected = _option_type(key)
       value = opt[key]
       if expected is float and isinstance(value, int):
         value = float(value)
