@@ -80,6 +80,11 @@ def get_config():
   # torchvision `vgg19` state-dict (.pth) or .npz with the same keys.
   config.vgg_weights = ''
 
+  # Differentiable augmentation of the discriminator's real and fake inputs
+  # (`spade_jax/diffaugment.py`), for small data sets: a comma-separated
+  # subset of 'color,translation,cutout'; '' = off.
+  config.diffaugment = ''
+
   # ---- Optimisation ----------------------------------------------------------
   config.lr = 2e-4
   config.no_TTUR = False
@@ -116,6 +121,10 @@ def get_config():
   config.inception_weights = ''
   # Images of config.eval_split used for FID (0: all of them).
   config.fid_num_images = 0
+  # Precomputed statistics of the real images (pytorch-fid .npz, `mu` and
+  # `sigma`; e.g. `python -m spade_jax.fid --real DIR --save_stats F.npz`),
+  # used by --mode eval and training FID instead of the eval split's images.
+  config.fid_real_stats = ''
   # Training computes FID every this many steps (and at the last step) on
   # process 0, written as eval/fid; 0: never. Needs inception_weights.
   config.fid_every_steps = 0

@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from data_pipelines import records
+from spade_jax import diffaugment
 from spade_jax import input_pipeline
 from spade_jax import layers
 from spade_jax import losses
@@ -83,6 +84,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
         f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
         'one), or another num_upsampling_layers.')
+  diffaugment.parse_policy(config.get('diffaugment', ''))
   num_devices = len(mesh_devices(config))
   if config.batch_size % num_devices:
     raise ValueError(
@@ -273,6 +275,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
                                        models.num_classes(config), dtype)
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, d_rng = jax.random.split(rng)
+  # DiffAugment draws: their own stream, so turning it on leaves z alone.
+  aug_policy = config.get('diffaugment', '')
+  g_aug_rng, d_aug_rng = jax.random.split(jax.random.fold_in(rng, 0x0a09))
 
   def generate(g_params, g_stats, rng):
     """Generator (and encoder) in training mode; returns fake, stats, KLD."""
@@ -291,10 +296,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
     new_stats['generator'] = g_upd['batch_stats']
     return fake, new_stats, kld
 
-  def discriminate(d_params, d_stats, fake):
+  def discriminate(d_params, d_stats, fake, aug_rng):
     d_in = jnp.concatenate([
         jnp.concatenate([semantics, fake.astype(dtype)], axis=-1),
         jnp.concatenate([semantics, image.astype(dtype)], axis=-1)], axis=0)
+    # The same transform for the fake and the real input of each label map.
+    d_in = diffaugment.augment(d_in, aug_rng, aug_policy, paired=True)
     out, d_upd = disc.apply({'params': d_params, 'batch_stats': d_stats},
                             d_in, train=True, mutable=['batch_stats'])
     return _split_fake_real(out), d_upd['batch_stats']
@@ -302,8 +309,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
   # ---- Generator update.
   def g_loss_fn(g_params):
     fake, g_stats, kld = generate(g_params, state.g_stats, g_rng)
-    (pred_fake, pred_real), d_stats = discriminate(state.d_params,
-                                                   state.d_stats, fake)
+    (pred_fake, pred_real), d_stats = discriminate(
+        state.d_params, state.d_stats, fake, g_aug_rng)
     terms = {'G_GAN': losses.gan_loss(pred_fake, True, for_discriminator=False,
                                       gan_mode=config.gan_mode)}
     if not config.no_ganFeat_loss:
@@ -328,7 +335,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], vgg_params,
   fake = jax.lax.stop_gradient(fake)
 
   def d_loss_fn(d_params):
-    (pred_fake, pred_real), new_d_stats = discriminate(d_params, d_stats, fake)
+    (pred_fake, pred_real), new_d_stats = discriminate(d_params, d_stats,
+                                                       fake, d_aug_rng)
     terms = {
         'D_Fake': losses.gan_loss(pred_fake, False, True, config.gan_mode),
         'D_real': losses.gan_loss(pred_real, True, True, config.gan_mode)}
