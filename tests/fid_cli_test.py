@@ -82,11 +82,8 @@ def test_cli_with_statistics_files(tmp_path):
   assert printed == pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2),
                                   rel=1e-9)
   np.savez(tmp_path / 'bad.npz', mu=mu1)
-  proc = subprocess.run(cmd + [str(tmp_path / 'bad.npz')],
-                        capture_output=True, text=True, timeout=240, cwd=REPO,
-                        check=False)
-  assert proc.returncode == 2
-  assert 'bad.npz has no sigma' in proc.stderr
+  with pytest.raises(fid.StatisticsError, match='bad.npz has no sigma'):
+    fid.run(str(a), str(tmp_path / 'bad.npz'))
 
 
 def test_statistics_errors(tmp_path):
