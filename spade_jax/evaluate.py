@@ -11,8 +11,8 @@ the real images with the standard pytorch-fid Inception features (see
 `fid.py`). Both sets are quantised to uint8 first, as image files would be.
 With config.fid_real_stats (a pytorch-fid .npz, e.g. from `python -m
 spade_jax.fid --real DIR --save_stats F.npz`) the real images' statistics
-come from that file instead. The score goes to TensorBoard (`eval/fid` at the checkpoint's step, in the
-workdir) and is printed.
+come from that file instead. The score goes to TensorBoard (`eval/fid` at
+the checkpoint's step, in the workdir) and is printed.
 """
 import os
 from typing import Dict, Optional, Tuple
@@ -144,6 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """FID of checkpoint `step` (default the latest); written and printed."""
   from spade_jax import train  # pylint: disable=g-import-not-at-top
   inception_vars = load_inception(config)  # Fails early without weights.
+  real_file = real_statistics_file(config)  # And with a bad statistics file.
   train.validate_config(config)
   check_same_architecture(config, workdir)
   _, variables, step = export.load_inference_variables(
@@ -151,7 +152,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_dir = train.resolve_data_dir(config, workdir)
   extractor = fid.FeatureExtractor(inception_vars,
                                    batch_size=config.batch_size)
-  real_file = real_statistics_file(config)
   fake_stats, real_stats = fid_statistics(
       config, variables['generator'], data_dir, extractor,
       int(config.get('fid_num_images', 0)), with_real=real_file is None)
