@@ -55,14 +55,17 @@ def test_folders_and_saved_statistics_give_the_same_fid(weights, tmp_path):
       for f in sorted(os.listdir(folder)) if not f.endswith('.txt')])
   want = fid.fid_from_features(extractor(read(real)), extractor(read(fake)))
   assert score == pytest.approx(want, rel=1e-6) and score > 0
-  with np.load(stats) as f:  # pytorch-fid's format.
+  feats = extractor(read(real))
+  with np.load(stats) as f:  # pytorch-fid's format: np.mean, np.cov.
     assert sorted(f.files) == ['mu', 'sigma']
     assert f['mu'].shape == (2048,) and f['sigma'].shape == (2048, 2048)
-    np.testing.assert_allclose(f['mu'], extractor(read(real)).mean(0),
-                               rtol=1e-6, atol=1e-9)
-  again = fid.run(stats, fake, inception_weights=weights, batch_size=4,
-                  resize_to=RESIZE)
-  assert again == pytest.approx(score, rel=1e-9)
+    np.testing.assert_allclose(f['mu'], feats.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(f['sigma'], np.cov(feats, rowvar=False),
+                               rtol=1e-5, atol=1e-9)
+  # A statistics file needs no images (nor an extractor).
+  mu, sigma, count = fid.statistics_of(stats, None)
+  np.testing.assert_array_equal(mu, fid.load_statistics(stats)[0])
+  assert count is None and sigma.shape == (2048, 2048)
   with pytest.raises(fid.StatisticsError, match='--overwrite'):
     fid.run(real, None, inception_weights=weights, save_stats=stats)
   assert fid.run(stats, None, save_stats=stats, overwrite=True) is None
@@ -70,8 +73,10 @@ def test_folders_and_saved_statistics_give_the_same_fid(weights, tmp_path):
 
 def test_cli_with_statistics_files(tmp_path):
   a, b = tmp_path / 'a.npz', tmp_path / 'b.npz'
-  mu1, s1 = _random_stats(0)
-  mu2, s2 = _random_stats(1)
+  # Equal covariances: the FID is |mu1 - mu2|^2.
+  rng = np.random.default_rng(0)
+  mu1, mu2 = rng.normal(size=2048), rng.normal(size=2048)
+  s1 = s2 = np.eye(2048) * 0.3
   np.savez_compressed(a, mu=mu1, sigma=s1)
   np.savez_compressed(b, mu=mu2, sigma=s2)
   cmd = [sys.executable, '-m', 'spade_jax.fid', '--real', str(a), '--fake']
@@ -79,8 +84,7 @@ def test_cli_with_statistics_files(tmp_path):
                         timeout=240, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   printed = float(proc.stdout.strip().splitlines()[-1].split('FID: ')[1])
-  assert printed == pytest.approx(fid.frechet_distance(mu1, s1, mu2, s2),
-                                  rel=1e-9)
+  assert printed == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
   np.savez(tmp_path / 'bad.npz', mu=mu1)
   with pytest.raises(fid.StatisticsError, match='bad.npz has no sigma'):
     fid.run(str(a), str(tmp_path / 'bad.npz'))
@@ -121,7 +125,14 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
     return _Stats(mu_f, s_f), (_Stats(mu_f, s_f) if with_real else None)
 
   monkeypatch.setattr(evaluate, 'fid_statistics', fake_fid_statistics)
-  want = fid.frechet_distance(mu_r, s_r, mu_f, s_f)
+  distances = []
+
+  def frechet(*args):
+    distances.append(args)
+    return 1.5
+
+  monkeypatch.setattr(evaluate.fid, 'frechet_distance', frechet)
+  want = 1.5
   config = tiny_config(inception_weights=weights, fid_real_stats=path)
   training = evaluate.TrainingFID(config, 'unused')
   assert training({}) == pytest.approx(want) and calls == [False]
@@ -130,6 +141,11 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
   monkeypatch.setattr(train, 'resolve_data_dir', lambda *a: 'unused')
   assert evaluate.evaluate(config, str(tmp_path)) == pytest.approx(want)
   assert calls == [False, False]
+  # Both measured the fakes against the file's statistics.
+  for args in distances:
+    for got, expected in zip(args, (mu_r, s_r, mu_f, s_f)):
+      np.testing.assert_array_equal(got, expected)
+  assert len(distances) == 2
   bad = tiny_config(inception_weights=weights,
                     fid_real_stats=str(tmp_path / 'missing.npz'))
   with pytest.raises(fid.StatisticsError, match='missing.npz'):
