@@ -95,11 +95,18 @@ def get_config():
   # torchvision `vgg19` state-dict (.pth) or .npz with the same keys.
   config.vgg_weights = ''
 
+  # Differentiable augmentation of the discriminator's real and fake inputs
+  # (`spade_jax/diffaugment.py`), for small data sets: a comma-separated
+  # subset of 'color,translation,cutout'; '' = off.
+  config.diffaugment = ''
+
   # ---- Optimisation ----------------------------------------------------------
   config.lr = 2e-4
   config.no_TTUR = False
-  config.beta1 = 0.0  # Used when no_TTUR; TTUR forces beta1=0, beta2=0.9.
-  config.beta2 = 0.9
+  # Adam's betas; None: the reference's default for the mode (TTUR 0 / 0.9,
+  # no_TTUR 0.5 / 0.999). Values set here are used in both modes.
+  config.beta1 = config_dict.placeholder(float)
+  config.beta2 = config_dict.placeholder(float)
   # Adam's epsilon (PyTorch's and optax's default). Adam's first steps are
   # about lr * sign(gradient); a large eps (>> |gradient|) makes it SGD-like.
   config.adam_eps = 1e-8
@@ -129,6 +136,10 @@ def get_config():
   config.inception_weights = ''
   # Images of config.eval_split used for FID (0: all of them).
   config.fid_num_images = 0
+  # Precomputed statistics of the real images (pytorch-fid .npz, `mu` and
+  # `sigma`; e.g. `python -m spade_jax.fid --real DIR --save_stats F.npz`),
+  # used by --mode eval and training FID instead of the eval split's images.
+  config.fid_real_stats = ''
   # Training computes FID every this many steps (and at the last step) on
   # process 0, written as eval/fid; 0: never. Needs inception_weights.
   config.fid_every_steps = 0

@@ -17,16 +17,21 @@ set's layout); the output is the format of `records.py`, which
 What is stored: each image file's own bytes (JPEG and PNG kept as they are,
 other formats re-encoded to lossless PNG), and the label and instance maps as
 grayscale PNGs at their own bit depth: 8- and 16-bit grayscale PNGs are kept
-byte for byte; palette/1-bit PNGs and other lossless formats are re-encoded to
-a grayscale PNG of the same values (TF would otherwise decode palette PNGs to
-colours). No value mapping is applied: the reader maps 255 and ADE20K's shift.
+byte for byte; palette/1-bit PNGs, RGB PNGs with equal channels and other
+lossless formats are re-encoded to a grayscale PNG of the same values (TF
+would otherwise decode palette PNGs to colours). PNG label maps follow
+`spade_jax/label_maps.py` (the rule synthesize and the web server use too;
+16-bit colour PNGs are refused). With `--label_format rgb` label maps are
+colour PNGs in the class colours (the data set's palette, or `--palette`),
+stored as the raw ids they stand for. No other value mapping is applied: the
+reader maps 255 and ADE20K's shift.
 
 Every example is checked while building, and errors name the file: images,
 labels or instance maps that do not decode, a label or instance map whose size
-differs from the image's, a label that is not single-channel, and raw class
-ids outside the data set's range (255 allowed only where the set has a
-don't-care label). All bad files of a split are listed in one error (at most
-50, see `writer.py`).
+differs from the image's, raw class ids outside the data set's range (255
+allowed only where the set has a don't-care label), colour maps (without
+--label_format rgb) and colours that are no class colour (with it). All bad
+files of a split are listed in one error (at most 50, see `writer.py`).
 
 Output is atomic: shards are written into a hidden temporary folder inside
 `--data_dir`, moved into place once every split succeeded, and

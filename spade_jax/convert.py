@@ -1,11 +1,14 @@
 r"""Converts reference PyTorch SPADE checkpoints into spade_jax model folders.
 
-  python -m spade_jax.convert --reference_dir DIR --opt OPT.json --output OUT \
-      [--which_epoch latest] [--data_dir DATA] [--overwrite]
+  python -m spade_jax.convert --reference_dir DIR --opt DIR/opt.txt \
+      --output OUT [--which_epoch latest] [--data_dir DATA] [--overwrite]
 
 DIR holds the reference's `latest_net_G.pth` (or `net_G.pth`, or
 `{epoch}_net_G.pth` with --which_epoch) and, when present, the D and E files.
-OPT.json holds the reference's options (as in its `opt.txt`). The output is a
+--opt is the reference's `opt.txt` as its training run saved it beside the
+checkpoints (or a JSON object of the same options); unknown options, options
+of the wrong type, and an opt.txt lacking options that shape the networks
+are errors that name them. The output is a
 model folder (see `model_io.py`) that `Synthesizer.load`, training's
 `config.init_from` and `spade_jax.serve` read.
 
@@ -76,6 +79,106 @@ class ConversionError(ValueError):
 # ---------------------------------------------------------------------------
 # Options.
 # ---------------------------------------------------------------------------
+# What an opt.txt must hold: the options that shape the networks (the
+# reference writes every option, so a file without them is not one of its).
+ARCHITECTURE_OPTIONS = (
+    'label_nc', 'contain_dontcare_label', 'no_instance', 'ngf', 'ndf',
+    'norm_G', 'norm_D', 'norm_E', 'num_upsampling_layers', 'crop_size',
+    'aspect_ratio', 'use_vae', 'z_dim', 'n_layers_D', 'num_D', 'netG')
+_DEFAULT_SUFFIX = '\t[default:'
+
+
+def _literal(text: str):
+  """A value as the reference's option printer wrote it (`str(v)`)."""
+  if text in ('True', 'False'):
+    return text == 'True'
+  if text == 'None':
+    return None
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def _option_type(key: str) -> type:
+  """The type of our config's key (placeholders such as beta1 included)."""
+  return default_config.get_config().get_ref(key).get_type()
+
+
+def _typed(key: str, text: str, path: str, line_no: int):
+  """An opt.txt value, typed as our config's key when it has one."""
+  if key not in MODEL_OPTIONS:
+    return _literal(text)
+  expected = _option_type(key)
+  try:
+    if expected is bool:
+      if text not in ('True', 'False'):
+        raise ValueError(text)
+      return text == 'True'
+    if expected in (int, float):
+      return expected(text)
+  except ValueError:
+    raise ConversionError(
+        f'{path}, line {line_no}: option {key}={text!r}: expected a '
+        f'{expected.__name__}.') from None
+  return text
+
+
+def parse_opt_txt(text: str, path: str = 'opt.txt') -> Dict:
+  """The reference's opt.txt (its option printer's format) -> options.
+
+  One `name: value` line per option (name right-aligned, value `str(v)`),
+  `\t[default: ...]` after values that differ from the default; the
+  printed form's `---- Options ----` / `---- End ----` lines and blank lines
+  are skipped.
+  """
+  opt = {}
+  for line_no, line in enumerate(text.splitlines(), 1):
+    stripped = line.strip()
+    if not stripped or stripped.startswith('---'):
+      continue
+    body = line.split(_DEFAULT_SUFFIX, 1)[0]
+    name, colon, value = body.partition(':')
+    name = name.strip()
+    if not colon or not name or ' ' in name:
+      raise ConversionError(
+          f'{path}, line {line_no}: {stripped[:80]!r} is not a `name: value` '
+          "line of the reference's option file.")
+    if name in opt:
+      raise ConversionError(f'{path}, line {line_no}: option {name} is given '
+                            'twice.')
+    opt[name] = _typed(name, value.strip(), path, line_no)
+  if not opt:
+    raise ConversionError(f'{path} holds no options.')
+  missing = [k for k in ARCHITECTURE_OPTIONS if k not in opt]
+  if missing:
+    raise ConversionError(
+        f'{path} lacks the option(s) {missing}: the reference writes every '
+        'option into opt.txt, so this file is incomplete or not one of its.')
+  return opt
+
+
+def read_options(path: str) -> Dict:
+  """The reference's options from its opt.txt, or from a JSON object."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConversionError(f'Cannot read the option file {path}: {e}') from None
+  if path.endswith('.json') or text.lstrip().startswith('{'):
+    try:
+      opt = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ConversionError(
+          f'Cannot read the option file {path}: {e}') from None
+    if not isinstance(opt, dict):
+      raise ConversionError(f'{path}: expected a JSON object of options.')
+    return opt
+  return parse_opt_txt(text, path)
+
+
 def config_from_options(opt: Dict) -> ml_collections.ConfigDict:
   """Our config from the reference's options; errors name the bad option."""
   known = set(MODEL_OPTIONS) | set(CHECKED_OPTIONS) | set(IGNORED_OPTIONS)
@@ -88,7 +191,7 @@ def config_from_options(opt: Dict) -> ml_collections.ConfigDict:
   config = default_config.get_config()
   for key in MODEL_OPTIONS:
     if key in opt:
-      expected = type(config[key])
+      expected = _option_type(key)
       value = opt[key]
       if expected is float and isinstance(value, int):
         value = float(value)
@@ -390,11 +493,7 @@ def convert(reference_dir: str, opt_path: str, output: str,
   """
   protect = tuple(p for p in (reference_dir, opt_path, data_dir) if p)
   model_io.check_output(output, overwrite=overwrite, protect=protect)
-  try:
-    with open(opt_path) as f:
-      opt = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConversionError(f'Cannot read the option file {opt_path}: {e}')
+  opt = read_options(opt_path)
   config = config_from_options(opt)
   classes = None
   if data_dir:
@@ -434,7 +533,8 @@ def define_flags() -> None:
   this module must not claim flag names other programs define)."""
   flags.DEFINE_string('reference_dir', None,
                       'Folder with the reference *.pth.')
-  flags.DEFINE_string('opt', None, "JSON file of the reference's options.")
+  flags.DEFINE_string('opt', None, "The reference run's opt.txt (or a JSON "
+                      'file of its options).')
   flags.DEFINE_string('output', None, 'Model folder to write.')
   flags.DEFINE_string('which_epoch', 'latest', 'Checkpoint prefix to read.')
   flags.DEFINE_string('data_dir', None, 'Optional built data set folder '

@@ -10,8 +10,10 @@ generator (EMA weights when training kept them; VAE models draw z from the
 prior, seeded by config.seed), and computes the FID between the generated and
 the real images with the standard pytorch-fid Inception features (see
 `fid.py`). Both sets are quantised to uint8 first, as image files would be.
-The score goes to TensorBoard (`eval/fid` at the checkpoint's step, in the
-workdir) and is printed.
+With config.fid_real_stats (a pytorch-fid .npz, e.g. from `python -m
+spade_jax.fid --real DIR --save_stats F.npz`) the real images' statistics
+come from that file instead. The score goes to TensorBoard (`eval/fid` at
+the checkpoint's step, in the workdir) and is printed.
 
 With `config.segmenter_weights` (the published weights of the data set's
 segmenter, see `segmenters.py`: DeepLab v2 for coco_stuff, UperNet-101 for
@@ -122,6 +124,12 @@ def make_generate_fn(config):
   return generate
 
 
+def real_statistics_file(config) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+  """config.fid_real_stats as (mu, sigma), or None when not set."""
+  path = config.get('fid_real_stats', '')
+  return fid.load_statistics(path) if path else None
+
+
 def fid_statistics(config, g_vars, data_dir: str,
                    extractor: fid.FeatureExtractor,
                    num_images: int = 0, with_real: bool = True,
@@ -177,7 +185,7 @@ class TrainingFID:
     self._num_images = int(config.get('fid_num_images', 0))
     self._extractor = fid.FeatureExtractor(load_inception(config),
                                            batch_size=config.batch_size)
-    self._real = None
+    self._real = real_statistics_file(config)
 
   def __call__(self, g_vars) -> float:
     fake, real = fid_statistics(self._config, g_vars, self._data_dir,
@@ -199,6 +207,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   inception_vars = load_inception(config)  # Fails early without weights.
   segmenter = load_segmenter(config)
+  real_file = real_statistics_file(config)  # And with a bad statistics file.
   run_config.validate_config(config)
   check_same_architecture(config, workdir)
   _, variables, step = export.load_inference_variables(
@@ -217,15 +226,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     on_generated = score_batch
   fake_stats, real_stats = fid_statistics(
       config, variables['generator'], data_dir, extractor,
-      int(config.get('fid_num_images', 0)), on_generated=on_generated)
-  score = fid.frechet_distance(*real_stats.mean_cov(),
-                               *fake_stats.mean_cov())
+      int(config.get('fid_num_images', 0)), with_real=real_file is None,
+      on_generated=on_generated)
+  real = real_file or real_stats.mean_cov()
+  score = fid.frechet_distance(*real, *fake_stats.mean_cov())
   results = {'fid': score}
   source = (f'checkpoint step {step}' if step is not None
             else f'model folder {workdir}')
+  real_what = (f'the real statistics {config.fid_real_stats}' if real_file
+               else f'{real_stats.count} real images')
   message = (f'FID {score:.4f}: {fake_stats.count} generated vs '
-             f'{real_stats.count} real images of split '
-             f'{config.eval_split!r}, {source}.')
+             f'{real_what} of split {config.eval_split!r}, {source}.')
   if confusion is not None:
     seg = confusion.scores()
     results.update(miou=seg['miou'], accuracy=seg['accuracy'])

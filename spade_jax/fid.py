@@ -1,4 +1,19 @@
-"""Fréchet Inception Distance: pool features, float64 statistics, distance.
+r"""Fréchet Inception Distance: pool features, float64 statistics, distance.
+
+  python -m spade_jax.fid --real DIR_OR_NPZ --fake DIR_OR_NPZ \
+      --inception_weights pt_inception-2015-12-05-6726825d.pth \
+      [--save_stats REAL.npz] [--batch_size 50]
+
+The command line works as pytorch-fid: a folder's images (bmp, jpg, jpeg,
+pgm, png, ppm, tif, tiff, webp; not recursive; converted to RGB), or a
+statistics file in pytorch-fid's format (`.npz` with `mu` (2048,) and
+`sigma` (2048, 2048)), for either side; it prints the FID. `--save_stats`
+writes the real side's statistics in that format (alone when --fake is not
+given), so a data set's are computed once; `--overwrite` replaces an
+existing file. Training and `--mode eval` take such a file as
+`config.fid_real_stats`.
+
+In code:
 
   extractor = fid.FeatureExtractor(inception.load_inception_params(path))
   real, fake = fid.RunningStatistics(), fid.RunningStatistics()
@@ -20,13 +35,22 @@ this exact for singular covariances too, where a general matrix square root
 of S1 S2 would need the usual epsilon regularisation.
 """
 import functools
-from typing import Dict, Tuple
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from spade_jax import inception
+
+# pytorch-fid's image file types.
+IMAGE_EXTENSIONS = ('bmp', 'jpg', 'jpeg', 'pgm', 'png', 'ppm', 'tif', 'tiff',
+                    'webp')
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
@@ -175,3 +199,171 @@ def compute_fid(extractor: FeatureExtractor, images1: np.ndarray,
                 images2: np.ndarray) -> float:
   """FID between two image sets held in memory."""
   return fid_from_features(extractor(images1), extractor(images2))
+
+
+# ---------------------------------------------------------------------------
+# Statistics files (pytorch-fid's format) and image folders.
+# ---------------------------------------------------------------------------
+class StatisticsError(ValueError):
+  """A statistics file or image folder that cannot be used."""
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray,
+                    overwrite: bool = False) -> None:
+  """Writes `mu`, `sigma` as pytorch-fid does (np.savez_compressed)."""
+  if os.path.exists(path) and not overwrite:
+    raise StatisticsError(f'{path} exists; pass --overwrite to replace it.')
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, mu=np.asarray(mu, np.float64),
+                      sigma=np.asarray(sigma, np.float64))
+  os.replace(tmp, path)
+
+
+def load_statistics(path: str,
+                    dim: int = inception.NUM_FEATURES
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) from a pytorch-fid statistics file, checked."""
+  try:
+    with np.load(path) as f:
+      missing = [k for k in ('mu', 'sigma') if k not in f.files]
+      if missing:
+        raise StatisticsError(
+            f'{path} has no {" or ".join(missing)} (it holds '
+            f'{sorted(f.files)}): expected a pytorch-fid statistics file.')
+      mu, sigma = np.asarray(f['mu'], np.float64), np.asarray(
+          f['sigma'], np.float64)
+  except StatisticsError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise StatisticsError(f'cannot read the statistics file {path}: '
+                          f'{e}') from None
+  if mu.shape != (dim,) or sigma.shape != (dim, dim):
+    raise StatisticsError(
+        f'{path}: mu {mu.shape} and sigma {sigma.shape}; FID statistics of '
+        f'the {dim} Inception pool features are ({dim},) and ({dim}, {dim}).')
+  return mu, sigma
+
+
+def list_images(folder: str) -> List[str]:
+  """The image files of `folder` (not recursive), sorted, as pytorch-fid."""
+  if not os.path.isdir(folder):
+    raise StatisticsError(f'{folder} is neither a folder of images nor a '
+                          '.npz statistics file.')
+  files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS and
+                 os.path.isfile(os.path.join(folder, f)))
+  if len(files) < 2:
+    raise StatisticsError(f'{folder} holds {len(files)} image(s) '
+                          f'({", ".join(IMAGE_EXTENSIONS)}); FID needs at '
+                          'least 2.')
+  return files
+
+
+def _read_rgb(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise StatisticsError(f'cannot read the image {path}: {e}') from None
+
+
+def folder_statistics(folder: str, extractor: FeatureExtractor
+                      ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(mu, sigma, number of images) of a folder's images."""
+  stats = RunningStatistics()
+  batch: List[np.ndarray] = []
+
+  def flush():
+    if batch:
+      stats.add(extractor(np.stack(batch)))
+      batch.clear()
+
+  for path in list_images(folder):
+    image = _read_rgb(path)
+    if batch and (image.shape != batch[0].shape or
+                  len(batch) >= extractor.batch_size):
+      flush()  # Same-size batches; each size compiles once.
+    batch.append(image)
+  flush()
+  mu, sigma = stats.mean_cov()
+  return mu, sigma, stats.count
+
+
+def is_statistics_file(path: str) -> bool:
+  return path.lower().endswith('.npz') and os.path.isfile(path)
+
+
+def statistics_of(path: str, make_extractor
+                  ) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+  """(mu, sigma, images or None) of a statistics file or an image folder."""
+  if is_statistics_file(path):
+    return load_statistics(path) + (None,)
+  return folder_statistics(path, make_extractor())
+
+
+def run(real: str, fake: Optional[str], *, inception_weights: str = '',
+        save_stats: Optional[str] = None, overwrite: bool = False,
+        batch_size: int = 50,
+        resize_to: int = inception.INPUT_SIZE) -> Optional[float]:
+  """The command line's work; returns the FID (None when only saving)."""
+  if not fake and not save_stats:
+    raise StatisticsError('give --fake (to compute FID) and/or --save_stats.')
+  if save_stats and os.path.exists(save_stats) and not overwrite:
+    raise StatisticsError(f'{save_stats} exists; pass --overwrite to '
+                          'replace it.')
+  extractor = []
+
+  def make_extractor():
+    if not extractor:
+      extractor.append(FeatureExtractor(
+          inception.load_inception_params(inception_weights),
+          batch_size=batch_size, resize_to=resize_to))
+    return extractor[0]
+
+  mu1, sigma1, n1 = statistics_of(real, make_extractor)
+  if save_stats:
+    save_statistics(save_stats, mu1, sigma1, overwrite=overwrite)
+    print(f'Saved the statistics of {real}'
+          f'{f" ({n1} images)" if n1 else ""} to {save_stats}.')
+  if not fake:
+    return None
+  mu2, sigma2, _ = statistics_of(fake, make_extractor)
+  return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('real', None, 'Folder of real images, or a .npz of '
+                      'their statistics (pytorch-fid format).')
+  flags.DEFINE_string('fake', None, 'Folder of generated images (or .npz).')
+  flags.DEFINE_string('save_stats', None,
+                      "Write the real side's statistics here (.npz).")
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --save_stats.')
+  flags.DEFINE_string('inception_weights', '',
+                      "pytorch-fid's Inception weights (.pth, or the .npz of "
+                      '`python -m spade_jax.inception`); needed for folders.')
+  flags.DEFINE_integer('batch_size', 50, 'Images per Inception batch.')
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    score = run(FLAGS.real, FLAGS.fake,
+                inception_weights=FLAGS.inception_weights,
+                save_stats=FLAGS.save_stats, overwrite=FLAGS.overwrite,
+                batch_size=FLAGS.batch_size)
+  except (StatisticsError, FileNotFoundError, ValueError) as e:
+    print(f'ERROR: {e}', file=sys.stderr)
+    return 2
+  if score is not None:
+    print(f'FID: {score}')
+  return 0
+
+
+if __name__ == '__main__':
+  define_flags()
+  flags.mark_flags_as_required(['real'])
+  app.run(main)

@@ -6,15 +6,19 @@ web server) decodes it with `decode_label_map`, so one rule holds everywhere:
 * PNG only (opened with Pillow restricted to PNG, so an ICO or other
   container that embeds a PNG is refused before anything is decoded), and the
   pixel count from the header checked against `max_pixels` before decoding.
-* 8- and 16-bit gray, palette ('P', the index is the id) and 1-bit PNGs: the
-  pixel values are the ids.
+* 8- and 16-bit gray, palette ('P', the index is the id, whatever colours
+  the PNG's own palette shows) and 1-bit PNGs: the pixel values are the ids.
 * 8-bit RGB, RGBA and gray+alpha whose colour channels are equal: the gray
   value is the id (what a browser canvas writes). Alpha must be opaque.
 * 8-bit RGB/RGBA in a palette's colours (`palette`, index = class id): each
   colour maps to its id. A colour not in the palette is an error naming the
   colour, how many pixels have it and where the first one is; never a silent
   nearest colour. Without a palette a colour map is an error that says to
-  pass one.
+  pass one. A colour the palette gives several ids (Cityscapes repeats some)
+  reads as the lowest of them. An RGB map whose channels are all equal is
+  read as gray ids, unless every gray level is also a class colour of
+  another id: then it is refused as ambiguous (`read_label_map`'s
+  `colors_only` reads it through the palette).
 * 16-bit-per-channel colour PNGs (RGB, RGBA, gray+alpha at 16 bits) are
   REFUSED with a `LabelMapError`: Pillow silently keeps only their high byte,
   so ids 0 and 5 would both read as 0. The bit depth and colour type are read

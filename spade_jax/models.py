@@ -426,17 +426,18 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
   raise ValueError(f"netG={config.netG!r}: expected 'spade' or 'pix2pixhd'.")
 
 
-def discriminator_inputs(config, label, edges, fake, image):
+def discriminator_inputs(config, label, edges, fake, image,
+                         lookup: bool = True):
   """(x, seg) for the discriminator on [fake; real] with the batch's labels.
 
-  With the label lookup (`label_lookup`) x is the images and seg the label
-  map, which the first convolutions take by lookup; else x is the
-  concatenated (one-hot semantics, image) input and seg None.
+  With the label lookup (`label_lookup`, and `lookup`) x is the images and
+  seg the label map, which the first convolutions take by lookup; else x is
+  the concatenated (one-hot semantics, image) input and seg None.
   """
   dtype = compute_dtype(config)
   images = jnp.concatenate([fake.astype(dtype), image.astype(dtype)], axis=0)
   edges = None if config.no_instance else edges
-  if label_lookup(config):
+  if lookup and label_lookup(config):
     return images, layers.LabelMap(label, edges, num_classes(config))
   semantics = layers.one_hot_semantics(label, edges, num_classes(config),
                                        dtype)

@@ -13,6 +13,7 @@ import ml_collections
 
 from data_pipelines import records
 from data_pipelines import synthetic
+from spade_jax import diffaugment
 from spade_jax import inception
 from spade_jax import losses
 from spade_jax import models
@@ -40,6 +41,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
         f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
         'one), or another num_upsampling_layers.')
+  diffaugment.parse_policy(config.get('diffaugment', ''))
   num_devices = len(sharding.mesh_devices(config))
   if config.batch_size % num_devices:
     raise ValueError(

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from data_pipelines import records
+from spade_jax import diffaugment
 from spade_jax import evaluate
 from spade_jax import input_pipeline
 from spade_jax import losses
@@ -58,6 +59,9 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
   edges = None if config.no_instance else batch['instance_edges']
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, d_rng = jax.random.split(rng)
+  # DiffAugment draws: their own stream, so turning it on leaves z alone.
+  aug_policy = config.get('diffaugment', '')
+  g_aug_rng, d_aug_rng = jax.random.split(jax.random.fold_in(rng, 0x0a09))
 
   def generate(g_params, g_stats, rng):
     """Generator (and encoder) in training mode; returns fake, stats, KLD."""
@@ -76,10 +80,14 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
     new_stats['generator'] = g_upd['batch_stats']
     return fake, new_stats, kld
 
-  def discriminate(d_params, d_stats, fake):
-    # [fake; real] with the labels: by lookup, or the concatenated one-hot.
-    d_in, d_seg = models.discriminator_inputs(config, label, edges, fake,
-                                              image)
+  def discriminate(d_params, d_stats, fake, aug_rng):
+    # [fake; real] with the labels: by lookup, or the concatenated one-hot
+    # (always with DiffAugment: its shifts and cutouts move the label
+    # channels with the images).
+    d_in, d_seg = models.discriminator_inputs(
+        config, label, edges, fake, image, lookup=not aug_policy)
+    # The same transform for the fake and the real input of each label map.
+    d_in = diffaugment.augment(d_in, aug_rng, aug_policy, paired=True)
     out, d_upd = disc.apply({'params': d_params, 'batch_stats': d_stats},
                             d_in, train=True, seg=d_seg,
                             mutable=['batch_stats'])
@@ -88,8 +96,8 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
   # ---- Generator update.
   def g_loss_fn(g_params):
     fake, g_stats, kld = generate(g_params, state.g_stats, g_rng)
-    (pred_fake, pred_real), d_stats = discriminate(state.d_params,
-                                                   state.d_stats, fake)
+    (pred_fake, pred_real), d_stats = discriminate(
+        state.d_params, state.d_stats, fake, g_aug_rng)
     terms = {'G_GAN': losses.gan_loss(pred_fake, True, for_discriminator=False,
                                       gan_mode=config.gan_mode)}
     if not config.no_ganFeat_loss:
@@ -114,7 +122,8 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
   fake = jax.lax.stop_gradient(fake)
 
   def d_loss_fn(d_params):
-    (pred_fake, pred_real), new_d_stats = discriminate(d_params, d_stats, fake)
+    (pred_fake, pred_real), new_d_stats = discriminate(d_params, d_stats,
+                                                       fake, d_aug_rng)
     terms = {
         'D_Fake': losses.gan_loss(pred_fake, False, True, config.gan_mode),
         'D_real': losses.gan_loss(pred_real, True, True, config.gan_mode)}

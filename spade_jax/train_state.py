@@ -54,11 +54,27 @@ class TrainState:
 # ---------------------------------------------------------------------------
 # Optimisation.
 # ---------------------------------------------------------------------------
+def adam_betas(config) -> Tuple[float, float]:
+  """(beta1, beta2) as the reference: the user's, else the mode's default.
+
+  The reference's train options default to beta1 0, beta2 0.9 with TTUR and
+  to 0.5, 0.999 with no_TTUR, and its optimisers always use the options'
+  values, so a value the user set wins in both modes. Here "not set" is
+  None (the config's default); this is the one place it is resolved.
+  """
+  default = (0.5, 0.999) if config.no_TTUR else (0.0, 0.9)
+  b1 = config.get('beta1')
+  b2 = config.get('beta2')
+  return (default[0] if b1 is None else float(b1),
+          default[1] if b2 is None else float(b2))
+
+
 def learning_rates(config) -> Tuple[float, float, float, float]:
   """(lr_G, lr_D, beta1, beta2) as the reference: TTUR or not."""
+  b1, b2 = adam_betas(config)
   if config.no_TTUR:
-    return config.lr, config.lr, config.beta1, config.beta2
-  return config.lr / 2, config.lr * 2, 0.0, 0.9
+    return config.lr, config.lr, b1, b2
+  return config.lr / 2, config.lr * 2, b1, b2
 
 
 def lr_schedule(base_lr: float, steps_per_epoch: int, niter: int,

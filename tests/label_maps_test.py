@@ -244,3 +244,37 @@ def test_class_ids_to_raw_inverts_the_reader():
   assert label_maps.class_ids_to_raw(
       ids, dataset='custom', label_nc=5,
       contain_dontcare_label=False).tolist() == [[0, 3, 4]]
+
+
+def test_read_label_map_says_which_and_colors_only():
+  palette = label_maps.default_palette(200)
+  gray = _IDS.astype(np.uint8)
+  ids, by_palette = label_maps.read_label_map(_png(gray), palette=palette)
+  assert not by_palette
+  colours = label_maps.colorize(_IDS, palette)
+  ids, by_palette = label_maps.read_label_map(_png(colours), palette=palette)
+  assert by_palette
+  np.testing.assert_array_equal(ids, _IDS)
+  # colors_only: every pixel through the palette, gray-looking ones too.
+  amb = np.stack([np.array([[0, 128]], np.uint8)] * 3, -1)
+  ids, by_palette = label_maps.read_label_map(_png(amb), palette=palette,
+                                              colors_only=True)
+  assert by_palette and ids.tolist() == [[0, 7]]
+  with pytest.raises(label_maps.LabelMapError, match='PIL mode L'):
+    label_maps.read_label_map(_png(gray), palette=palette, colors_only=True)
+  with pytest.raises(label_maps.LabelMapError, match='1 pixels'):
+    label_maps.read_label_map(_png(np.stack([gray] * 3, -1)),
+                              palette=palette[:3], colors_only=True)
+
+
+def test_load_palette(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'p.json'
+  path.write_text(json.dumps([[1, 2, 3], [4, 5, 6]]))
+  assert label_maps.load_palette(str(path)).tolist() == [[1, 2, 3], [4, 5, 6]]
+  path.write_text(json.dumps({'names': None, 'colors': [[7, 8, 9]]}))
+  assert label_maps.load_palette(str(path)).tolist() == [[7, 8, 9]]
+  for bad in ([[1, 2]], [[1, 2, 300]], {'names': ['a']}, 'x'):
+    path.write_text(json.dumps(bad))
+    with pytest.raises(label_maps.LabelMapError, match='p.json'):
+      label_maps.load_palette(str(path))
