@@ -12,6 +12,7 @@ the error lists every folder and why. Training
 `set_aside`, so that it can write those steps again; the readers (export,
 serve, evaluate) leave them alone.
 """
+import json
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 import uuid
@@ -21,6 +22,8 @@ import orbax.checkpoint as ocp
 
 # Where training moves damaged step folders: WORKDIR/DAMAGED_DIR/STEP.
 DAMAGED_DIR = 'damaged_checkpoints'
+# In each step folder: its files and their sizes (`record_files`).
+FILES_LIST = 'spade_jax_files.json'
 
 
 class CheckpointError(ValueError):
@@ -39,10 +42,50 @@ def _reason(error: BaseException, limit: int = 300) -> str:
   return f'{type(error).__name__}: {line}' if line else type(error).__name__
 
 
-def _try(restore_fn: Callable[[int], Any], step: int
-         ) -> Tuple[Any, Optional[str]]:
+def record_files(folder: str) -> None:
+  """Lists the files of a finished step folder, with their sizes.
+
+  Written after orbax finalised the step, so that `check_files` can tell a
+  lost or truncated file before orbax reads the step (a failed orbax read
+  leaves TensorStore reads behind that print tracebacks long after).
+  """
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel != FILES_LIST:
+        files[rel] = os.path.getsize(path)
+  tmp = os.path.join(folder, FILES_LIST + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(files, f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(folder, FILES_LIST))
+
+
+def check_files(folder: str) -> None:
+  """Raises if a file `record_files` listed is missing or has another size.
+
+  Step folders without the list (written by an older spade_jax) pass.
+  """
+  path = os.path.join(folder, FILES_LIST)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    files = json.load(f)
+  for rel, size in sorted(files.items()):
+    full = os.path.join(folder, rel)
+    if not os.path.exists(full):
+      raise FileNotFoundError(f'{rel} is missing')
+    if os.path.getsize(full) != size:
+      raise ValueError(f'{rel} has {os.path.getsize(full)} bytes where '
+                       f'{size} were written')
+
+
+def _try(mngr: ocp.CheckpointManager, restore_fn: Callable[[int], Any],
+         step: int) -> Tuple[Any, Optional[str]]:
   """(restored, None), or (None, why) when the step cannot be restored."""
   try:
+    check_files(step_folder(mngr, step))
     return restore_fn(step), None
   except Exception as e:  # pylint: disable=broad-except
     # orbax and TensorStore raise ValueError, KeyError, FileNotFoundError,
@@ -78,12 +121,12 @@ def restore_newest(mngr: ocp.CheckpointManager,
     if step not in steps:
       raise ValueError(f'No checkpoint at step {step} in {where}; it has '
                        f'steps {sorted(steps)}.')
-    restored, why = _try(restore_fn, step)
+    restored, why = _try(mngr, restore_fn, step)
     if why is None:
       return restored, step, []
     hint = f'No other checkpoint in {where} can be read either.'
     for other in steps:
-      if other != step and _try(restore_fn, other)[1] is None:
+      if other != step and _try(mngr, restore_fn, other)[1] is None:
         hint = (f'The newest readable checkpoint is step {other}: pass '
                 f'{step_flag}={other}.')
         break
@@ -91,7 +134,7 @@ def restore_newest(mngr: ocp.CheckpointManager,
                           f'{step}) cannot be read: {why}. {hint}')
   bad, reasons = [], []
   for candidate in steps:
-    restored, why = _try(restore_fn, candidate)
+    restored, why = _try(mngr, restore_fn, candidate)
     if why is None:
       if bad:
         logging.warning(

@@ -201,6 +201,8 @@ def save_checkpoint(mngr, state: TrainState, config) -> None:
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
+  if jax.process_index() == 0:
+    checkpoints.record_files(checkpoints.step_folder(mngr, step))
   logging.info('Saved checkpoint at step %d', step)
 
 

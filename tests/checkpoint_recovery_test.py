@@ -136,7 +136,23 @@ def test_nothing_readable_names_every_folder(saved, tmp_path):
   message = str(info.value)
   for step in (2, 4):
     assert os.path.join(workdir, 'checkpoints', str(step)) in message
-  assert 'JSONDecodeError' in message and 'config.json' in message
+  # Found by the step's file list, before orbax reads anything.
+  assert 'state/_METADATA has 0 bytes where' in message, message
+  assert 'state/manifest.ocdbt is missing' in message, message
+  assert 'config.json' in message
+
+
+def test_steps_without_a_file_list_are_checked_by_reading_them(
+    saved, tmp_path, caplog):
+  """Step folders of an older spade_jax (no file list): orbax's own error."""
+  config, workdir = _copy(saved, tmp_path)
+  os.remove(os.path.join(workdir, 'checkpoints', '4', checkpoints.FILES_LIST))
+  _damage(workdir, 4, 'empty_metadata')
+  with caplog.at_level('WARNING'):
+    _, step = export.restore_train_state(workdir, config)
+  assert step == 2
+  warnings = ' '.join(r.getMessage() for r in caplog.records)
+  assert 'JSONDecodeError' in warnings, warnings
 
 
 def test_training_resumes_from_the_newest_good_step_and_sets_the_bad_aside(

@@ -468,7 +468,10 @@ def test_printable_escapes_control_characters():
 
 
 def test_log_lines_escape_control_bytes(server, caplog):
-  with caplog.at_level(logging.INFO):
+  # The access log goes through absl's logger, whose own level earlier tests
+  # may have set: INFO on it too.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO,
+                                                      logger='absl'):
     for line, want in [(b'GET /a\x1b[2J\x07b HTTP/1.1', 404),
                        (b'GET /a\rb HTTP/1.1', 400)]:  # Bare CR: refused.
       with _connect(server.url) as sock:

@@ -641,6 +641,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
                  spade_label_lookup=False, **SHARDING_CONFIG)
   config = tiny_config(data_dir=data_dir, **changes)
   address = f'127.0.0.1:{_free_port()}'
+  # Four processes on two cores: a generous deadline (about 3 minutes quiet).
   one_err, single_err, *errs = _run_together(
       [(_main_cmd(tmp_path / 'one', data_dir, **changes),
         _with_devices(env, 4)),
@@ -648,7 +649,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
         _with_devices(env, 1))] + [
             (_main_cmd(tmp_path / 'two', data_dir, **changes) + [
                 f'--coordinator_address={address}', '--num_processes=2',
-                f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)])
+                f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)],
+      timeout=1500)
   assert 'process 1 / 2, 2 local devices of 4' in errs[1], errs[1][-3000:]
 
   # The losses of the log line of step 2 (printed to 6 digits).
