@@ -86,7 +86,7 @@ def _main_cmd(workdir, data_dir, **changes):
           str(workdir)] + _flags(values)
 
 
-def _run_together(cmds_envs, timeout=600):
+def _run_together(cmds_envs, timeout=1200):
   """Runs the (cmd, env) pairs as concurrent processes (their compilations
   overlap on the 2 cores); returns their stderr texts, all having succeeded."""
   procs = [subprocess.Popen(cmd, env=env, cwd=REPO_DIR,
