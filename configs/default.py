@@ -59,16 +59,11 @@ def get_config():
   # Parameters and BatchNorm statistics always stay float32.
   config.compute_dtype = 'float32'
   # Exact alternative computations: same function, same parameters (see
-  # docs/performance.md for what each was measured to gain).
+  # docs/performance.md for what each was measured to gain or lose).
   # SPADE's first conv on the one-hot label map as a per-offset lookup of
   # kernel rows by class id, instead of a dense conv over label_nc channels.
   # None (unset): on where it was measured faster, the CPU backend.
   config.spade_label_lookup = config_dict.placeholder(bool)
-  # The mlp_shared convs of a residual block's SPADE layers (same label map)
-  # as one wider conv; each SPADE's mlp_gamma and mlp_beta as one conv. Off:
-  # measured slower on CPU and GPU.
-  config.spade_fuse_shared = False
-  config.spade_fuse_gamma_beta = False
   # SPADE's mlp_gamma / mlp_beta exactly, boundary-sparse: per-class values
   # where the 5x5 label neighbourhood is one class without edges, the dense
   # conv on the gathered other pixels (dense for a batch with more than the
@@ -82,8 +77,8 @@ def get_config():
   # False only to count the sparse branch's FLOPs (scripts/benchmark.py):
   # without the dense fallback a batch over the capacity gives NaN.
   config.spade_sparse_fallback = True
-  # Convolution implementation: auto | xla | patches (patches times one
-  # matrix product). auto: XLA's, plus a CPU workaround (layers.conv2d).
+  # Convolution implementation: auto | xla. auto: XLA's, plus a CPU
+  # workaround for convs padded beyond (k - 1) // 2 (layers.conv2d).
   config.conv_impl = 'auto'
 
   # ---- Losses ----------------------------------------------------------------

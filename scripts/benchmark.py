@@ -79,8 +79,7 @@ _CONFIG_KEYS = ('dataset', 'netG', 'label_nc', 'contain_dontcare_label',
                 'preprocess_mode', 'ngf', 'ndf', 'num_D', 'n_layers_D',
                 'norm_G', 'norm_D', 'use_vae', 'num_upsampling_layers',
                 'batch_size', 'num_devices', 'lambda_vgg', 'compute_dtype',
-                'spade_fuse_shared', 'spade_fuse_gamma_beta', 'conv_impl',
-                'spade_sparse_min_size')
+                'conv_impl', 'spade_sparse_min_size')
 
 
 def define_flags() -> None:

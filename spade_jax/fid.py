@@ -195,12 +195,6 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
   return float(max(value, 0.0))
 
 
-def compute_fid(extractor: FeatureExtractor, images1: np.ndarray,
-                images2: np.ndarray) -> float:
-  """FID between two image sets held in memory."""
-  return fid_from_features(extractor(images1), extractor(images2))
-
-
 # ---------------------------------------------------------------------------
 # Statistics files (pytorch-fid's format) and image folders.
 # ---------------------------------------------------------------------------

@@ -62,7 +62,6 @@ import weakref
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
 
 from data_pipelines import records
@@ -893,8 +892,3 @@ def steps_per_epoch(data_dir: str, split: str, batch_size: int) -> int:
   """Global batches in one epoch of a split (incomplete last one dropped)."""
   num_examples, _ = split_size(records.DatasetInfo.load(data_dir), split)
   return num_examples // batch_size
-
-
-def to_numpy(batch: Dict[str, tf.Tensor]) -> Dict[str, np.ndarray]:
-  """Converts one batch of tensors to numpy arrays."""
-  return {k: np.asarray(v) for k, v in batch.items()}

@@ -1,8 +1,8 @@
 """Building blocks shared by the SPADE networks (Flax Linen, NHWC).
 
-Everything here follows the reference PyTorch SPADE semantics exactly (see
-SPEC.md): PyTorch's legacy `nearest` resizing, BatchNorm with momentum 0.1 and
-an unbiased running variance, and spectral normalisation that runs one power
+Everything here computes what the reference PyTorch SPADE computes:
+PyTorch's legacy `nearest` resizing, BatchNorm with momentum 0.1 and an
+unbiased running variance, and spectral normalisation that runs one power
 iteration per training forward and none in eval mode.
 """
 import functools
@@ -106,8 +106,17 @@ def one_hot_semantics(label: jnp.ndarray, edges: Optional[jnp.ndarray],
   return sem
 
 
+class _SemanticMap:
+  """What the label maps below share: `num_classes` and optional `edges`."""
+
+  @property
+  def channels(self) -> int:
+    """Channels of the one-hot map it stands for: classes (+ the edges)."""
+    return self.num_classes + (0 if self.edges is None else 1)
+
+
 @flax.struct.dataclass
-class LabelMap:
+class LabelMap(_SemanticMap):
   """The semantic map before its one-hot: class ids and optional edges.
 
   What the SPADE layers take on the label-lookup path (`label_conv`); the
@@ -116,10 +125,6 @@ class LabelMap:
   label: jnp.ndarray  # (N, H, W) integer class ids
   edges: Optional[jnp.ndarray]  # (N, H, W) instance edges, or None
   num_classes: int = flax.struct.field(pytree_node=False)
-
-  @property
-  def channels(self) -> int:
-    return self.num_classes + (0 if self.edges is None else 1)
 
   @property
   def size(self) -> Tuple[int, int]:
@@ -179,6 +184,9 @@ def spectral_normalize(kernel: jnp.ndarray, u: jnp.ndarray, v: jnp.ndarray,
 class Conv(nn.Module):
   """2-D convolution (or transposed convolution), optionally spectral-normed.
 
+  The input is an (N, H, W, C) array or a `LabelMap`, which takes the label
+  lookup (`label_conv`): the same function as on its one-hot map.
+
   Attributes:
     features: output channels.
     kernel_size: square kernel size.
@@ -192,7 +200,7 @@ class Conv(nn.Module):
       hide Module.init.)
     transpose: ConvTranspose2d(kernel, stride 2, padding 1, output_padding 1).
     dtype: compute dtype.
-    impl: convolution implementation (`CONV_IMPLS`; not for `transpose`).
+    impl: 'auto' or 'xla' (`conv2d`; not for `transpose`).
   """
   features: int
   kernel_size: int = 3
@@ -206,14 +214,18 @@ class Conv(nn.Module):
   impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    k, in_ch = self.kernel_size, x.shape[-1]
+  def weights(self, in_features: int, train: bool = False):
+    """(kernel, bias or None) as the convolution uses them, in float32.
+
+    The kernel is (k, k, in_features, features), spectral-normalised when
+    `spectral` (one power iteration in training, which updates u and v).
+    """
+    k = self.kernel_size
     init = (xavier_normal() if self.init_kind == 'xavier'
             else torch_default_init)
-    kernel = self.param('kernel', init, (k, k, in_ch, self.features),
+    kernel = self.param('kernel', init, (k, k, in_features, self.features),
                         jnp.float32)
     if self.spectral:
-      rows = k * k * in_ch
       u_var = self.variable(
           'batch_stats', 'sn_u',
           lambda: _l2_normalize(jax.random.normal(self.make_rng('params'),
@@ -221,49 +233,46 @@ class Conv(nn.Module):
       v_var = self.variable(
           'batch_stats', 'sn_v',
           lambda: _l2_normalize(jax.random.normal(self.make_rng('params'),
-                                                  (rows,))))
+                                                  (k * k * in_features,))))
       kernel, u, v = spectral_normalize(kernel, u_var.value, v_var.value,
                                         power_iteration=train)
       if train and not self.is_initializing():
         u_var.value, v_var.value = u, v
-    x = x.astype(self.dtype)
-    kernel = kernel.astype(self.dtype)
-    if self.transpose:
-      # Transposed conv = input-dilated conv; the kernel here is stored in the
-      # forward-conv orientation (already flipped), so no flip is needed.
-      lo = k - 1 - self.padding
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (1, 1), [(lo, lo + 1)] * 2,
-          lhs_dilation=(self.strides, self.strides),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    else:
-      y = conv2d(x, kernel, self.strides, self.padding, self.impl)
-    if self.use_bias:
-      bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                        jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    bias = (self.param('bias', nn.initializers.zeros, (self.features,),
+                       jnp.float32) if self.use_bias else None)
+    return kernel, bias
+
+  def __call__(self, x, train: bool = False):
+    kernel, bias = self.weights(semantic_channels(x), train)
+    if not self.transpose:
+      return biased_conv(x, kernel, bias, self.padding, self.strides,
+                         self.impl, self.dtype)
+    # Transposed conv = input-dilated conv; the kernel here is stored in the
+    # forward-conv orientation (already flipped), so no flip is needed.
+    lo = self.kernel_size - 1 - self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
+        [(lo, lo + 1)] * 2, lhs_dilation=(self.strides, self.strides),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y if bias is None else y + bias.astype(self.dtype)
+
+
+def biased_conv(x: Semantics, kernel: jnp.ndarray,
+                bias: Optional[jnp.ndarray], padding: int, strides: int = 1,
+                impl: str = 'xla', dtype: Dtype = jnp.float32) -> jnp.ndarray:
+  """conv2d(x, kernel) (+ bias) in `dtype`; the label lookup for a LabelMap."""
+  if isinstance(x, LabelMap):
+    if bias is None:
+      bias = jnp.zeros(kernel.shape[-1], jnp.float32)
+    return label_conv(x, kernel, bias, padding, strides).astype(dtype)
+  y = conv2d(x.astype(dtype), kernel.astype(dtype), strides, padding, impl)
+  return y if bias is None else y + bias.astype(dtype)
 
 
 # ---------------------------------------------------------------------------
-# Convolution implementations (all compute the same function).
+# Convolution: XLA's, with a CPU workaround ('auto').
 # ---------------------------------------------------------------------------
-CONV_IMPLS = ('auto', 'xla', 'patches')
-
-
-def resolve_conv_impl(impl: str) -> str:
-  """Checks a conv_impl name; 'auto' computes with XLA's convolution.
-
-  'patches' (shifted slices concatenated on channels, one matrix product) was
-  measured against XLA's native convolution on the 2-core CPU (see
-  docs/performance.md): with jaxlib 0.10, XLA's CPU convolution was as fast
-  or faster at every size these networks use, forward and backward, except
-  one case that 'auto' handles by itself (`_explicit_excess_padding`).
-  'patches' stays selectable for other CPUs and versions.
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
-  return 'xla' if impl == 'auto' else impl
+CONV_IMPLS = ('auto', 'xla')
 
 
 def _explicit_excess_padding(x, kernel, strides: int, padding: int):
@@ -286,35 +295,19 @@ def _explicit_excess_padding(x, kernel, strides: int, padding: int):
 
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
            padding: int = 0, impl: str = 'xla') -> jnp.ndarray:
-  """NHWC x HWIO convolution with symmetric zero padding."""
-  if resolve_conv_impl(impl) == 'patches':
-    return patches_conv2d(x, kernel, strides, padding)
+  """NHWC x HWIO convolution with symmetric zero padding.
+
+  impl 'xla': XLA's convolution as is; 'auto': the same, with the CPU
+  excess-padding workaround (`_explicit_excess_padding`).
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
   pads = [(padding, padding)] * 2
   if impl == 'auto':
     x, pads = _explicit_excess_padding(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(
       x, kernel, (strides, strides), pads,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def patches_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
-                   padding: int = 0) -> jnp.ndarray:
-  """`conv2d` as patches times one matrix product.
-
-  Pads, takes the kh*kw shifted (strided) slices, concatenates them on
-  channels in the kernel's (dy, dx, cin) order, and multiplies by
-  kernel.reshape(kh*kw*cin, cout).
-  """
-  kh, kw, cin, cout = kernel.shape
-  s, p = strides, padding
-  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  n, h, w, _ = x.shape
-  ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
-  cols = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
-          for i in range(kh) for j in range(kw)]
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  y = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(-1, cout)
-  return y.reshape(n, ho, wo, cout)
 
 
 def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
@@ -363,7 +356,7 @@ def _offset_major_table(class_kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 @flax.struct.dataclass
-class PooledLabelMap:
+class PooledLabelMap(_SemanticMap):
   """A label map's one-hot after `avg_pool_3x3_s2` (once or more), as ids.
 
   Each pixel of the pooled one-hot is a weighted sum of the one-hot of M
@@ -378,10 +371,6 @@ class PooledLabelMap:
   weights: jnp.ndarray  # (1, H, W, M) float32
   edges: Optional[jnp.ndarray]  # (N, H, W) pooled edges, or None
   num_classes: int = flax.struct.field(pytree_node=False)
-
-  @property
-  def channels(self) -> int:
-    return self.num_classes + (0 if self.edges is None else 1)
 
   @classmethod
   def of(cls, seg: LabelMap) -> 'PooledLabelMap':
@@ -551,16 +540,6 @@ def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
   return jax.lax.cond(count <= capacity, sparse, dense_fn, actv)
 
 
-def biased_conv(x: Semantics, kernel: jnp.ndarray, bias: jnp.ndarray,
-                padding: int, impl: str = 'xla',
-                dtype: Dtype = jnp.float32) -> jnp.ndarray:
-  """conv2d(x, kernel) + bias in `dtype`; the label lookup for a LabelMap."""
-  if isinstance(x, LabelMap):
-    return label_conv(x, kernel, bias, padding).astype(dtype)
-  y = conv2d(x.astype(dtype), kernel.astype(dtype), 1, padding, impl)
-  return y + bias.astype(dtype)
-
-
 # ---------------------------------------------------------------------------
 # Normalisation.
 # ---------------------------------------------------------------------------
@@ -672,54 +651,21 @@ class NormConv(nn.Module):
 # ---------------------------------------------------------------------------
 # SPADE.
 # ---------------------------------------------------------------------------
-class ConvWeights(nn.Module):
-  """The kernel and bias of a plain (xavier, biased) conv, for fused use.
-
-  Holds the same `kernel` (k, k, in, out) and `bias` parameters, created in
-  the same order, as `Conv(features, kernel_size)` would: callers concatenate
-  several such kernels at apply time and run one wider convolution.
-  """
-  features: int
-  kernel_size: int = 3
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    k = self.kernel_size
-    kernel = self.param('kernel', xavier_normal(),
-                        (k, k, in_features, self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                      jnp.float32)
-    return kernel, bias
-
-
-def fused_conv(x, weights: Sequence[Tuple[jnp.ndarray, jnp.ndarray]],
-               padding: int, impl: str = 'xla', dtype: Dtype = jnp.float32):
-  """Convs of one input with several (kernel, bias): one wider conv, split."""
-  kernel = jnp.concatenate([k for k, _ in weights], axis=-1)
-  bias = jnp.concatenate([b for _, b in weights])
-  y = biased_conv(x, kernel, bias, padding, impl, dtype)
-  return jnp.split(y, np.cumsum([b.shape[0] for _, b in weights])[:-1],
-                   axis=-1)
-
-
 class SPADE(nn.Module):
   """Spatially-adaptive normalisation: norm(x) * (1 + gamma(seg)) + beta(seg).
 
-  `seg` is the semantic map, the one-hot (N, h, w, C) or a `LabelMap`; it is
-  resized to x's size with the reference's legacy nearest rule (a no-op when
-  the caller already did). A `LabelMap` takes the lookup path of `label_conv`
-  for mlp_shared. The caller may pass `actv`, mlp_shared's activation,
-  computed for several SPADE layers at once (`shared_weights`).
+  As the reference's: actv = relu(mlp_shared(seg)), gamma = mlp_gamma(actv),
+  beta = mlp_beta(actv), 3x3 (kernel_size) convolutions. `seg` is the
+  semantic map, the one-hot (N, h, w, C) or a `LabelMap` (mlp_shared by the
+  label lookup, `label_conv`); it is resized to x's size with the
+  reference's legacy nearest rule (a no-op when the caller already did).
 
-  With `sparse_fraction` set and a `LabelMap`, mlp_gamma and mlp_beta take
-  the exact boundary-sparse path (`boundary_sparse_conv`): per-class values
-  where the label neighbourhood is uniform, the dense convolution on at most
-  ceil(sparse_fraction * N * H * W) gathered boundary pixels, and the dense
-  convolution everywhere when a batch has more.
+  With `sparse_fraction` set and a `LabelMap`, mlp_gamma and mlp_beta are
+  computed by `sparse_gamma_beta` instead: the same values, dense only near
+  label boundaries. Off by default.
 
   Attributes:
     features: channels of x (the reference's norm_nc).
-    fuse_gamma_beta: run mlp_gamma and mlp_beta as one convolution.
     sparse_fraction: the boundary-sparse path's capacity, as a share of the
       batch's pixels; None: dense.
     sparse_fallback: False only to count the sparse branch's FLOPs
@@ -729,65 +675,68 @@ class SPADE(nn.Module):
   norm_type: str = 'syncbatch'
   kernel_size: int = 3
   hidden: int = 128
-  fuse_gamma_beta: bool = False
   sparse_fraction: Optional[float] = None
   sparse_fallback: bool = True
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
 
-  def setup(self):
-    self.param_free_norm = ParamFreeNorm(self.norm_type)
-    self.mlp_shared = ConvWeights(self.hidden, self.kernel_size)
-    self.mlp_gamma = ConvWeights(self.features, self.kernel_size)
-    self.mlp_beta = ConvWeights(self.features, self.kernel_size)
-
-  def shared_weights(self, seg: Semantics):
-    """mlp_shared's (kernel, bias) for this semantic input."""
-    return self.mlp_shared(semantic_channels(seg))
-
-  def __call__(self, x, seg: Semantics, train: bool = False, actv=None):
-    normalized = self.param_free_norm(x, train)
-    pad = self.kernel_size // 2
-    if actv is None:
-      seg = resize_semantics(seg, x.shape[1:3])
-      actv = nn.relu(biased_conv(seg, *self.shared_weights(seg), pad,
-                                 self.conv_impl, self.dtype))
-    weights = [self.mlp_gamma(self.hidden), self.mlp_beta(self.hidden)]
-
-    def dense(actv):
-      if self.fuse_gamma_beta:
-        return fused_conv(actv, weights, pad, self.conv_impl, self.dtype)
-      return [biased_conv(actv, k, b, pad, self.conv_impl, self.dtype)
-              for k, b in weights]
-
-    capacity = (None if self.sparse_fraction is None
-                else sparse_capacity(self.sparse_fraction, x.shape[:3]))
-    if (capacity is None or capacity >= np.prod(x.shape[:3]) or
-        not isinstance(seg, LabelMap)):
-      gamma, beta = dense(actv)
+  @nn.compact
+  def __call__(self, x, seg: Semantics, train: bool = False):
+    normalized = ParamFreeNorm(self.norm_type, name='param_free_norm')(x,
+                                                                       train)
+    seg = resize_semantics(seg, x.shape[1:3])
+    conv = functools.partial(Conv, kernel_size=self.kernel_size,
+                             padding=self.kernel_size // 2, dtype=self.dtype,
+                             impl=self.conv_impl)
+    mlp_shared = conv(self.hidden, name='mlp_shared')
+    mlp_gamma = conv(self.features, name='mlp_gamma')
+    mlp_beta = conv(self.features, name='mlp_beta')
+    actv = nn.relu(mlp_shared(seg))
+    capacity = self._sparse_capacity(seg, x.shape[:3])
+    if capacity is None:
+      gamma, beta = mlp_gamma(actv), mlp_beta(actv)
     else:
-      seg = resize_semantics(seg, x.shape[1:3])
-      out = boundary_sparse_conv(
-          seg, actv, self.shared_weights(seg),
-          jnp.concatenate([k for k, _ in weights], axis=-1),
-          jnp.concatenate([b for _, b in weights]), capacity,
-          lambda a: jnp.concatenate(dense(a), axis=-1), self.dtype,
-          self.sparse_fallback)
-      gamma, beta = jnp.split(out, [self.features], axis=-1)
+      gamma, beta = sparse_gamma_beta(
+          seg, actv, mlp_shared.weights(seg.channels),
+          [mlp_gamma.weights(self.hidden), mlp_beta.weights(self.hidden)],
+          capacity, self.conv_impl, self.dtype, self.sparse_fallback)
     return normalized * (1 + gamma) + beta
+
+  def _sparse_capacity(self, seg: Semantics, shape) -> Optional[int]:
+    """Boundary pixels the sparse path holds here; None: run dense."""
+    if self.sparse_fraction is None or not isinstance(seg, LabelMap):
+      return None
+    capacity = sparse_capacity(self.sparse_fraction, shape)
+    return None if capacity >= np.prod(shape) else capacity
+
+
+def sparse_gamma_beta(seg: LabelMap, actv: jnp.ndarray,
+                      shared: Tuple[jnp.ndarray, jnp.ndarray],
+                      weights: Sequence[Tuple[jnp.ndarray, jnp.ndarray]],
+                      capacity: int, impl: str = 'xla',
+                      dtype: Dtype = jnp.float32, fallback: bool = True):
+  """SPADE's (gamma, beta) by `boundary_sparse_conv`, both convs at once.
+
+  `shared` is mlp_shared's (kernel, bias), `weights` mlp_gamma's and
+  mlp_beta's; the dense fallback computes each as SPADE's dense path does.
+  """
+  pad = weights[0][0].shape[0] // 2
+  dense = lambda a: jnp.concatenate(
+      [biased_conv(a, k, b, pad, 1, impl, dtype) for k, b in weights], axis=-1)
+  out = boundary_sparse_conv(
+      seg, actv, shared, jnp.concatenate([k for k, _ in weights], axis=-1),
+      jnp.concatenate([b for _, b in weights]), capacity, dense, dtype,
+      fallback)
+  return jnp.split(out, [weights[0][1].shape[0]], axis=-1)
 
 
 class SPADEResnetBlock(nn.Module):
   """The reference's SPADE residual block (fin -> fout).
 
-  With `fuse_shared`, the mlp_shared convs of its two or three SPADE layers,
-  which all see the same semantic map, run as one wider convolution.
   `sparse_fraction`: the SPADE layers' boundary-sparse path (`SPADE`).
   """
   features: int
   norm_G: str = 'spectralspadesyncbatch3x3'
-  fuse_shared: bool = False
-  fuse_gamma_beta: bool = False
   sparse_fraction: Optional[float] = None
   sparse_fallback: bool = True
   conv_impl: str = 'xla'
@@ -800,7 +749,6 @@ class SPADEResnetBlock(nn.Module):
     spectral = 'spectral' in self.norm_G
     norm_type, ks = parse_spade_norm(self.norm_G)
     spade = functools.partial(SPADE, norm_type=norm_type, kernel_size=ks,
-                              fuse_gamma_beta=self.fuse_gamma_beta,
                               sparse_fraction=self.sparse_fraction,
                               sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
@@ -808,24 +756,14 @@ class SPADEResnetBlock(nn.Module):
                              init_kind='torch' if spectral else 'xavier',
                              dtype=self.dtype, impl=self.conv_impl)
     act = functools.partial(nn.leaky_relu, negative_slope=LRELU_SLOPE)
-    norms = {'norm_0': spade(fin, name='norm_0'),
-             'norm_1': spade(fmiddle, name='norm_1')}
-    if fin != fout:
-      norms['norm_s'] = spade(fin, name='norm_s')
     # Every SPADE layer here works at x's size (conv_0 keeps it).
     seg = resize_semantics(seg, x.shape[1:3])
-    actvs = dict.fromkeys(norms)
-    if self.fuse_shared:
-      shared = fused_conv(seg, [n.shared_weights(seg) for n in norms.values()],
-                          ks // 2, self.conv_impl, self.dtype)
-      actvs = dict(zip(norms, map(nn.relu, shared)))
+    x_s = x
     if fin != fout:
-      x_s = norms['norm_s'](x, seg, train, actvs['norm_s'])
+      x_s = spade(fin, name='norm_s')(x, seg, train)
       x_s = conv(fout, 1, padding=0, use_bias=False, name='conv_s')(x_s, train)
-    else:
-      x_s = x
-    dx = act(norms['norm_0'](x, seg, train, actvs['norm_0']))
+    dx = act(spade(fin, name='norm_0')(x, seg, train))
     dx = conv(fmiddle, 3, padding=1, name='conv_0')(dx, train)
-    dx = act(norms['norm_1'](dx, seg, train, actvs['norm_1']))
+    dx = act(spade(fmiddle, name='norm_1')(dx, seg, train))
     dx = conv(fout, 3, padding=1, name='conv_1')(dx, train)
     return x_s + dx

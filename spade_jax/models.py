@@ -10,6 +10,7 @@ edges (N, H, W); the one-hot semantic map is built on the device.
 import functools
 from typing import Any, List, Optional, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,9 @@ class SPADEGenerator(nn.Module):
   use_vae: bool = False
   z_dim: int = 256
   norm_G: str = 'spectralspadesyncbatch3x3'
-  # Exact alternative computations (layers.label_conv, layers.fused_conv,
-  # layers.conv2d): the same function and parameters either way.
+  # SPADE's mlp_shared by the label lookup (layers.label_conv) or on the
+  # one-hot map: the same function and parameters either way.
   label_lookup: bool = True
-  fuse_shared: bool = False
-  fuse_gamma_beta: bool = False
   # The boundary-sparse SPADE modulation (layers.boundary_sparse_conv) at
   # the resolutions whose shorter side is >= sparse_min_size; its capacity
   # there is the fraction of the first `sparse_capacity` entry
@@ -135,8 +134,6 @@ class SPADEGenerator(nn.Module):
                       name='fc')(seg_at((sh, sw), one_hot=True))
 
     block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
-                              fuse_shared=self.fuse_shared,
-                              fuse_gamma_beta=self.fuse_gamma_beta,
                               sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
 
@@ -254,7 +251,7 @@ class NLayerDiscriminator(nn.Module):
   def first_conv_on_labels(self, image, seg):
     """model0 on concat(one-hot of seg, image), the one-hot never built."""
     nsem = seg.channels
-    kernel, bias = layers.ConvWeights(self.ndf, 4, name='model0')(
+    kernel, bias = layers.Conv(self.ndf, 4, 2, 2, name='model0').weights(
         nsem + image.shape[-1])
     lookup = (layers.label_conv if isinstance(seg, layers.LabelMap)
               else layers.pooled_label_conv)
@@ -357,9 +354,20 @@ def compute_dtype(config) -> Dtype:
 
 
 def conv_impl(config) -> str:
-  """config.conv_impl (default 'auto'), checked."""
+  """config.conv_impl (default 'auto'), checked.
+
+  'patches' (a patch-matrix convolution, removed: it was measured slower
+  than XLA's, docs/performance.md) computed the same function: a config
+  saved with it reads as 'auto', with a warning.
+  """
   impl = config.get('conv_impl', 'auto')
-  layers.resolve_conv_impl(impl)  # Raises on an unknown name.
+  if impl == 'patches':
+    logging.warning("conv_impl='patches' was removed (measured slower than "
+                    "XLA's convolution); using 'auto', the same function.")
+    return 'auto'
+  if impl not in layers.CONV_IMPLS:
+    raise ValueError(f'conv_impl={impl!r}: expected one of '
+                     f'{layers.CONV_IMPLS}.')
   return impl
 
 
@@ -410,8 +418,6 @@ def make_generator(config: ml_collections.ConfigDict) -> nn.Module:
         crop_size=config.crop_size, aspect_ratio=config.aspect_ratio,
         use_vae=config.use_vae, z_dim=config.z_dim, norm_G=config.norm_G,
         label_lookup=label_lookup(config),
-        fuse_shared=config.get('spade_fuse_shared', False),
-        fuse_gamma_beta=config.get('spade_fuse_gamma_beta', False),
         sparse=spade_sparse(config),
         sparse_capacity=spade_sparse_capacity(config),
         sparse_min_size=config.get('spade_sparse_min_size', 128),

@@ -209,14 +209,14 @@ def test_fallback_runs_exactly_when_the_count_exceeds_the_capacity(kind):
       assert_close(got, want)  # The sparse branch, exact.
 
 
-def test_block_with_fused_shared_and_shortcut_equals_dense():
-  """The residual block (fin != fout: norm_s too), mlp_shared fused."""
+def test_block_with_shortcut_equals_dense():
+  """The residual block (fin != fout: norm_s too)."""
   rng = np.random.default_rng(3)
   label, edges = label_map('instances', rng, (2, 12, 14))
   seg = labelmap(label, edges)
   x = jnp.asarray(rng.normal(size=(2, 12, 14, 6)), jnp.float32)
   dense = layers.SPADEResnetBlock(4)
-  sparse = layers.SPADEResnetBlock(4, fuse_shared=True, sparse_fraction=0.95)
+  sparse = layers.SPADEResnetBlock(4, sparse_fraction=0.95)
   assert boundary_count(seg) <= layers.sparse_capacity(0.95, (2, 12, 14))
   variables = random_variables(dense, rng, x, seg, scale=0.3)
   cot = jnp.asarray(rng.normal(size=(2, 12, 14, 4)), jnp.float32)

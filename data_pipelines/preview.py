@@ -1,7 +1,7 @@
 r"""Writes the first examples of a built split exactly as the model sees them.
 
-  python -m data_pipelines.inspect --data_dir OUT --dataset coco_stuff \
-      --split val --num 8 --output /tmp/inspect \
+  python -m data_pipelines.preview --data_dir OUT --dataset coco_stuff \
+      --split val --num 8 --output /tmp/preview \
       [--preprocess_mode M --load_size L --crop_size C --aspect_ratio A]
 
 Examples are preprocessed as for evaluation (no random crop or flip). For each

@@ -1,4 +1,4 @@
-"""Tests of the data_pipelines.inspect CLI and spade_jax.visualize."""
+"""Tests of the data_pipelines.preview CLI and spade_jax.visualize."""
 import os
 import pathlib
 import subprocess
@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from data_pipelines import build
-from data_pipelines import inspect
+from data_pipelines import preview
 from data_pipelines import records
 from spade_jax import input_pipeline
 from spade_jax import visualize
@@ -26,10 +26,10 @@ def fixture_coco_dir(coco_sample_dir, tmp_path):
 
 
 def test_cli_writes_pngs_and_the_model_arrays(coco_dir, tmp_path):
-  output = tmp_path / 'inspect'
+  output = tmp_path / 'preview'
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
-      [sys.executable, '-m', 'data_pipelines.inspect',
+      [sys.executable, '-m', 'data_pipelines.preview',
        f'--data_dir={coco_dir}', '--dataset=coco_stuff', '--split=val',
        '--num=3', f'--output={output}', '--preprocess_mode=resize_and_crop',
        '--load_size=72', '--crop_size=64'],
@@ -45,7 +45,7 @@ def test_cli_writes_pngs_and_the_model_arrays(coco_dir, tmp_path):
   assert arrays['instance_edges'].dtype == np.float32
 
   # The arrays are exactly what the evaluation pipeline gives the model.
-  config = inspect.config_for_dataset(
+  config = preview.config_for_dataset(
       str(coco_dir), preprocess_mode='resize_and_crop', load_size=72,
       crop_size=64)
   assert config.label_nc == 182 and config.contain_dontcare_label
@@ -73,11 +73,11 @@ def test_cli_writes_pngs_and_the_model_arrays(coco_dir, tmp_path):
 
 
 def test_variable_sizes_are_stored_per_example(coco_dir, tmp_path):
-  config = inspect.config_for_dataset(str(coco_dir), 'coco_stuff',
+  config = preview.config_for_dataset(str(coco_dir), 'coco_stuff',
                                       preprocess_mode='none')
-  examples = inspect.collect_examples(config, str(coco_dir), 'val', 2)
+  examples = preview.collect_examples(config, str(coco_dir), 'val', 2)
   assert examples[0]['image'].shape != examples[1]['image'].shape
-  path = inspect.write_examples(examples, str(tmp_path / 'out'))
+  path = preview.write_examples(examples, str(tmp_path / 'out'))
   arrays = np.load(path)
   for i, ex in enumerate(examples):
     np.testing.assert_array_equal(arrays[f'label_{i}'], ex['label'])
@@ -87,7 +87,7 @@ def test_variable_sizes_are_stored_per_example(coco_dir, tmp_path):
 
 def test_dataset_name_must_match(coco_dir):
   with pytest.raises(ValueError, match='holds coco_stuff'):
-    inspect.config_for_dataset(str(coco_dir), 'ade20k')
+    preview.config_for_dataset(str(coco_dir), 'ade20k')
 
 
 def test_colorize_labels_uses_given_colors_then_palette():
