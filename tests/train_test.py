@@ -758,14 +758,19 @@ def test_default_config_learns_class_colours(tmp_path, data_dir):
                        log_every_steps=100, image_every_steps=200,
                        checkpoint_every_steps=200)
   train.train_and_evaluate(config, str(tmp_path))
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  acc = event_accumulator.EventAccumulator(
-      str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
-  acc.Reload()
-  errors = {e.step: float(_tensor_value(e))
-            for e in acc.Tensors('eval/class_color_error')}
+  errors = color_errors(tmp_path)
   assert set(errors) == {0, 200}
   assert errors[200] < 0.6 * errors[0], errors
+
+
+def color_errors(workdir):
+  """{step: eval/class_color_error} from a run's TensorBoard events."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return {e.step: float(_tensor_value(e))
+          for e in acc.Tensors('eval/class_color_error')}
 
 
 def _tensor_value(event):
