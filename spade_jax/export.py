@@ -24,7 +24,7 @@ holds it; the new folder appears whole, or not at all. Beside it:
                                  the training data's dataset_info.json
                                  (config.data_dir, or a synthetic run's
                                  WORKDIR/data/synthetic), or the synthetic
-                                 set's own (see `class_metadata`)
+                                 set's own (see `model_io.class_metadata`)
 
 The module needs only JAX to run, not spade_jax:
 

@@ -5,7 +5,10 @@ discriminator update whose fake image is re-generated (without gradient) by
 the UPDATED generator, fake and real going through D as one batch (fake
 first). Both updates are one jitted function over a `jax.sharding.Mesh`, the
 batch sharded over the `data` axis and everything else replicated, so
-BatchNorm statistics are global across devices (and processes).
+BatchNorm statistics are global across devices (and processes). The state is
+two flax TrainStates, G's and D's, each with its optimiser
+(`train_state.py`). The loop's periodic work (logging, sample images and the
+colour error, FID, checkpoints) runs as clu periodic actions after each step.
 """
 import functools
 import os

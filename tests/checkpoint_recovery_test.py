@@ -20,7 +20,6 @@ import pytest
 
 from configs import default
 from spade_jax import checkpoints
-from spade_jax import export
 from spade_jax import model_io
 from spade_jax import sharding
 from spade_jax import train_state
