@@ -138,7 +138,8 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
   assert training({}) == pytest.approx(want) and calls == [False]
   monkeypatch.setattr(evaluate.train_state, 'load_inference_variables',
                       lambda *a, **k: (None, {'generator': {}}, 7))
-  monkeypatch.setattr(train, 'resolve_data_dir', lambda *a: 'unused')
+  monkeypatch.setattr(evaluate.run_config, 'resolve_data_dir',
+                      lambda *a: 'unused')
   assert evaluate.evaluate(config, str(tmp_path)) == pytest.approx(want)
   assert calls == [False, False]
   # Both measured the fakes against the file's statistics.
