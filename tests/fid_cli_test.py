@@ -120,7 +120,8 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
   calls = []
 
   def fake_fid_statistics(config, g_vars, data_dir, extractor, num_images=0,
-                          with_real=True):
+                          with_real=True, on_generated=None):
+    del on_generated  # No segmenter in this test.
     calls.append(with_real)
     return _Stats(mu_f, s_f), (_Stats(mu_f, s_f) if with_real else None)
 
@@ -140,7 +141,8 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
                       lambda *a, **k: (None, {'generator': {}}, 7))
   monkeypatch.setattr(evaluate.run_config, 'resolve_data_dir',
                       lambda *a: 'unused')
-  assert evaluate.evaluate(config, str(tmp_path)) == pytest.approx(want)
+  assert evaluate.evaluate(config, str(tmp_path)) == {
+      'fid': pytest.approx(want)}
   assert calls == [False, False]
   # Both measured the fakes against the file's statistics.
   for args in distances:
