@@ -331,24 +331,21 @@ def prepare_train(config: ml_collections.ConfigDict,
   validate(config, options)
   mesh = sharding.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, 1000)
   start = time.perf_counter()
-  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   tx_g, tx_d)
+  state = train_state.create_train_state(
+      config, jax.random.PRNGKey(config.seed), steps_per_epoch=1000)
   init_s = time.perf_counter() - start
   # Committed, replicated arrays: the shardings the step was compiled for.
   state = jax.device_put(state, replicated)
   vgg_params = jax.device_put(vgg_params_for(config, options), replicated)
   host_batch = local_batch(config, options)
   batch = sharding.global_batch(host_batch, mesh)
-  step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
-                                     sched_d)
+  step_fn = train.compile_train_step(config, mesh)
   info = compile_timed(step_fn, state, batch, vgg_params)
   compiled = info.pop('compiled')
   info['flops_per_step_sparse_branch'] = sparse_branch_flops(
-      config, lambda c: train.compile_train_step(
-          c, mesh, tx_g, tx_d, sched_g, sched_d).lower(state, batch,
-                                                       vgg_params))
+      config, lambda c: train.compile_train_step(c, mesh).lower(
+          state, batch, vgg_params))
   holder = {'state': state}
 
   def step():

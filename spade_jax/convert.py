@@ -38,7 +38,6 @@ import ml_collections
 import numpy as np
 
 from configs import default as default_config
-from spade_jax import export
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import torch_weights
@@ -502,7 +501,7 @@ def convert(reference_dir: str, opt_path: str, output: str,
           f'--data_dir {data_dir} is not a folder: pass a built data set '
           'folder (with dataset_info.json).')
     try:
-      classes = export.read_class_source(data_dir, config.label_nc)
+      classes = model_io.read_class_source(data_dir, config.label_nc)
     except (OSError, ValueError) as e:
       raise ConversionError(f'--data_dir: {e}') from None
   g_path = find_checkpoint(reference_dir, 'G', which_epoch)

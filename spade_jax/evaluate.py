@@ -51,10 +51,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from spade_jax import export
 from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
+from spade_jax import model_io
 from spade_jax import models
 from spade_jax import run_config
 from spade_jax import segmentation_metrics
@@ -65,7 +65,7 @@ from spade_jax import visualize
 
 def load_inception(config: ml_collections.ConfigDict) -> Dict:
   """The FID Inception variables named by config.inception_weights."""
-  path = config.get('inception_weights', '')
+  path = config.inception_weights
   if not path:
     raise FileNotFoundError(
         'Evaluation computes FID and needs config.inception_weights. '
@@ -76,31 +76,31 @@ def load_inception(config: ml_collections.ConfigDict) -> Dict:
 def load_segmenter(config: ml_collections.ConfigDict
                    ) -> Optional[segmenters.Segmenter]:
   """The data set's segmenter when config.segmenter_weights is set."""
-  weights = config.get('segmenter_weights', '')
+  weights = config.segmenter_weights
   if not weights:
     return None
-  name = segmenters.DATASET_SEGMENTER.get(config.get('dataset', ''))
+  name = segmenters.DATASET_SEGMENTER.get(config.dataset)
   if name is None:
     raise ValueError(
         f'config.segmenter_weights is set, but data set '
-        f'{config.get("dataset", "")!r} has no segmenter of the paper\'s '
+        f'{config.dataset!r} has no segmenter of the paper\'s '
         'protocol (coco_stuff, ade20k and cityscapes do); unset it.')
   return segmenters.Segmenter.load(
       name, weights,
-      multi_scale=not config.get('segmenter_single_scale', False))
+      multi_scale=not config.segmenter_single_scale)
 
 
 def check_same_architecture(config, workdir: str) -> None:
   """The run's saved config and this one must build the same networks."""
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     return
-  saved = export.workdir_config(workdir)
+  saved = model_io.load_config(workdir)
   diff = [k for k in train_state.ARCHITECTURE_KEYS
           if k in saved and k in config and saved[k] != config[k]]
   # Whether the checkpoints hold EMA weights changes their structure (a
   # model folder holds the inference weights only).
-  if not export.is_model_folder(workdir) and (
-      (saved.get('ema_decay', 0) > 0) != (config.get('ema_decay', 0) > 0)):
+  if not model_io.is_model_folder(workdir) and (
+      (saved.ema_decay > 0) != (config.ema_decay > 0)):
     diff.append('ema_decay')
   if diff:
     raise ValueError(
@@ -126,7 +126,7 @@ def make_generate_fn(config):
 
 def real_statistics_file(config) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   """config.fid_real_stats as (mu, sigma), or None when not set."""
-  path = config.get('fid_real_stats', '')
+  path = config.fid_real_stats
   return fid.load_statistics(path) if path else None
 
 
@@ -182,7 +182,7 @@ class TrainingFID:
   def __init__(self, config: ml_collections.ConfigDict, data_dir: str):
     self._config = config
     self._data_dir = data_dir
-    self._num_images = int(config.get('fid_num_images', 0))
+    self._num_images = int(config.fid_num_images)
     self._extractor = fid.FeatureExtractor(load_inception(config),
                                            batch_size=config.batch_size)
     self._real = real_statistics_file(config)
@@ -210,7 +210,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   real_file = real_statistics_file(config)  # And with a bad statistics file.
   run_config.validate_config(config)
   check_same_architecture(config, workdir)
-  _, variables, step = export.load_inference_variables(
+  _, variables, step = train_state.load_inference_variables(
       workdir, step=step, use_ema=True, config=config)
   data_dir = run_config.resolve_data_dir(config, workdir)
   extractor = fid.FeatureExtractor(inception_vars,
@@ -226,7 +226,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     on_generated = score_batch
   fake_stats, real_stats = fid_statistics(
       config, variables['generator'], data_dir, extractor,
-      int(config.get('fid_num_images', 0)), with_real=real_file is None,
+      int(config.fid_num_images), with_real=real_file is None,
       on_generated=on_generated)
   real = real_file or real_stats.mean_cov()
   score = fid.frechet_distance(*real, *fake_stats.mean_cov())

@@ -24,7 +24,7 @@ holds it; the new folder appears whole, or not at all. Beside it:
                                  the training data's dataset_info.json
                                  (config.data_dir, or a synthetic run's
                                  WORKDIR/data/synthetic), or the synthetic
-                                 set's own (see `class_metadata`)
+                                 set's own (see `model_io.class_metadata`)
 
 The module needs only JAX to run, not spade_jax:
 
@@ -54,12 +54,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from configs import default as default_config
-from data_pipelines import metadata
-from data_pipelines import scenes
-from spade_jax import checkpoints
 from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
@@ -67,202 +62,7 @@ from spade_jax import train_state
 
 EXPORT_FILE = model_io.EXPORT_FILE
 SIGNATURE_FILE = model_io.SIGNATURE_FILE
-CHECKPOINTS_DIR = 'checkpoints'
 DONTCARE_VALUE = 255
-
-
-# ---------------------------------------------------------------------------
-# Reading inference variables from a training workdir or a model folder.
-# ---------------------------------------------------------------------------
-is_model_folder = model_io.is_model_folder
-
-
-def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in its workdir.
-
-  Keys added to the default config since the run started take their default
-  values, so older runs still export.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'{path} not found: {workdir} is neither a training workdir (written '
-        'by `python -m spade_jax.main`) nor a model folder (written by '
-        '`spade_jax.convert` or `spade_jax.export`).')
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except ValueError as e:
-    raise ValueError(f'cannot read {path}: {e}. Training writes it at start; '
-                     'restore it from a copy (the same config as the run).'
-                     ) from None
-  config = default_config.get_config()
-  with config.unlocked():
-    for key, value in saved.items():
-      if key in config and isinstance(config[key], float) and isinstance(
-          value, int) and not isinstance(value, bool):
-        value = float(value)
-      if key in config and not isinstance(value, type(config[key])):
-        config[key] = None  # A type the default does not have: take it.
-      config[key] = value
-  return config
-
-
-def _abstract_train_state(config):
-  """Shapes/dtypes of the TrainState a run with `config` checkpoints."""
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, steps_per_epoch=1)
-  abstract = jax.eval_shape(lambda: train_state.create_train_state(
-      config, jax.random.PRNGKey(0), tx_g, tx_d))
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      abstract)
-
-
-def restore_train_state(workdir: str, config: ml_collections.ConfigDict,
-                        step: Optional[int] = None):
-  """(TrainState, step) of checkpoint `step` (default the newest readable).
-
-  A damaged newest checkpoint is skipped with a warning naming its folder;
-  a damaged `step` is an error naming it and the --step to use instead
-  (see `checkpoints.restore_newest`).
-  """
-  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f'{workdir} has no {CHECKPOINTS_DIR}/ folder: no '
-                            'training checkpoint to read.')
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(ckpt_dir, options=options) as mngr:
-    abstract = _abstract_train_state(config)
-    restored, step, _ = checkpoints.restore_newest(
-        mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract))), step)
-  return restored['state'], int(step)
-
-
-def inference_variables(state, use_ema: bool = True) -> Dict:
-  """The generator's (and encoder's) eval-mode variables from a TrainState."""
-  params = state.g_params['generator']
-  if use_ema and state.ema_params is not None:
-    params = state.ema_params
-  out = {'generator': {'params': params,
-                       'batch_stats': state.g_stats['generator']}}
-  if 'encoder' in state.g_params:
-    out['encoder'] = {'params': state.g_params['encoder'],
-                      'batch_stats': state.g_stats['encoder']}
-  return jax.tree_util.tree_map(np.asarray, out)
-
-
-def load_inference_variables(
-    path: str, step: Optional[int] = None, use_ema: bool = True,
-    config: Optional[ml_collections.ConfigDict] = None
-) -> Tuple[ml_collections.ConfigDict, Dict, Optional[int]]:
-  """(config, {'generator', 'encoder'?}, step) of a workdir or model folder.
-
-  Args:
-    path: a training workdir or a model folder.
-    step: checkpoint step of a workdir (default the latest).
-    use_ema: take the EMA generator parameters when training kept them.
-    config: the run's config (default: the workdir's config.json).
-  """
-  if is_model_folder(path):
-    if step is not None:
-      raise ValueError(f'{path} is a model folder: it has no steps '
-                       '(--step applies to training workdirs).')
-    model_config, variables = model_io.load_model(path)
-    if 'generator' not in variables:
-      raise ValueError(f'The model folder {path} holds no generator.')
-    keep = ('generator', 'encoder')
-    return model_config, {k: v for k, v in variables.items() if k in keep}, None
-  config = config if config is not None else workdir_config(path)
-  state, step = restore_train_state(path, config, step)
-  return config, inference_variables(state, use_ema), step
-
-
-def _info_classes(data_dir: str) -> Optional[Dict]:
-  """Names and colours from a built data set's dataset_info.json, or None."""
-  if not data_dir:
-    return None
-  if not os.path.isfile(os.path.join(data_dir, metadata.INFO_FILE)):
-    return None
-  try:
-    info = metadata.DatasetInfo.load(data_dir)
-  except (OSError, ValueError, TypeError) as e:
-    logging.warning('Cannot read the class names and colours of %s: %s',
-                    data_dir, e)
-    return None
-  if not info.class_names and not info.colors:
-    return None
-  return {'names': info.class_names, 'colors': info.colors}
-
-
-def read_class_source(path: str, label_nc: int) -> Dict:
-  """{'names', 'colors'} of a built data set folder or a classes.json file.
-
-  `path` is a data set folder (its dataset_info.json, from
-  `data_pipelines.build` or the synthetic set) whose label_nc must equal the
-  model's `label_nc`, or a classes.json file (`model_io` format) whose names
-  and colours cover label_nc classes (label_nc + 1 with a don't-care entry).
-  Raises FileNotFoundError or ValueError naming the file and both numbers.
-  """
-  label_nc = int(label_nc)
-  if os.path.isdir(path):
-    info_path = os.path.join(path, metadata.INFO_FILE)
-    if not os.path.isfile(info_path):
-      raise FileNotFoundError(
-          f'{info_path} not found: {path} is not a built data set folder. '
-          'Pass one (python -m data_pipelines.build ... --data_dir DIR) or a '
-          f'{model_io.CLASSES_FILE} file.')
-    try:
-      info = metadata.DatasetInfo.load(path)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f'cannot read {info_path}: {e}') from None
-    if int(info.label_nc) != label_nc:
-      raise ValueError(
-          f'the data set {path} has {info.label_nc} classes (label_nc in '
-          f'{metadata.INFO_FILE}) but the model has label_nc={label_nc}: '
-          'pass the data set the model was trained on.')
-    return model_io.check_classes(
-        {'names': info.class_names, 'colors': info.colors}, info_path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: pass a built data set folder (with '
-        f'{metadata.INFO_FILE}) or a {model_io.CLASSES_FILE} file.')
-  classes = model_io.read_classes_file(path)
-  for key, what in (('names', 'class names'), ('colors', 'colours')):
-    entries = classes[key]
-    if entries is not None and not label_nc <= len(entries) <= label_nc + 1:
-      raise ValueError(
-          f'{path} has {len(entries)} {what} but the model has label_nc='
-          f'{label_nc}: expected {label_nc} (or {label_nc + 1} with the '
-          "don't-care class).")
-  return classes
-
-
-def class_metadata(config: ml_collections.ConfigDict,
-                   source: str) -> Optional[Dict]:
-  """{'names', 'colors'} of the model's classes (either may be None), or None.
-
-  Looked up, in order: `source`'s classes.json when it is a model folder; the
-  training data's dataset_info.json (config.data_dir, or for a synthetic run
-  without one, `source`/data/synthetic where training generated it); the
-  synthetic set's own names and colours for dataset='synthetic'.
-  """
-  if is_model_folder(source):
-    found = model_io.load_classes(source)
-    if found is not None:
-      return found
-  data_dir = config.get('data_dir', '')
-  if (not data_dir and config.get('dataset') == 'synthetic'
-      and not is_model_folder(source)):
-    data_dir = os.path.join(source, 'data', 'synthetic')
-  found = _info_classes(data_dir)
-  if found is not None:
-    return found
-  if config.get('dataset') == 'synthetic':
-    info = scenes.dataset_info()
-    return {'names': info.class_names, 'colors': info.colors}
-  return None
 
 
 # ---------------------------------------------------------------------------
@@ -366,8 +166,9 @@ def export(source: str, output: str, *, step: Optional[int] = None,
   and OUT may never be `source` or a folder holding it (`OutputError`).
   """
   model_io.check_output(output, overwrite=overwrite, protect=(source,))
-  config, variables, step = load_inference_variables(source, step, use_ema)
-  classes = class_metadata(config, source)
+  config, variables, step = train_state.load_inference_variables(
+      source, step, use_ema)
+  classes = model_io.class_metadata(config, source)
   module = signature = None
   if with_jax_export:
     module, signature = export_generator(config, variables['generator'],
@@ -432,8 +233,7 @@ def main(argv):
   try:
     size = None
     if FLAGS.height or FLAGS.width:
-      config = (model_io.load_config(source) if is_model_folder(source)
-                else workdir_config(source))
+      config = model_io.load_config(source)
       out_h, out_w = models.output_size(config)
       size = (FLAGS.height or out_h, FLAGS.width or out_w)
     config = export(source, FLAGS.output, step=FLAGS.step,

@@ -15,7 +15,10 @@
                     (written by `spade_jax.export`, see there)
 
 Written by `spade_jax.convert` and `spade_jax.export`; read by
-`Synthesizer.load` and by training's `config.init_from`.
+`Synthesizer.load` and by training's `config.init_from`. `load_config` is
+the one config loader (a model folder's or a training workdir's config.json
+merged over the default config); `class_metadata` and `read_class_source`
+find the classes' names and colours.
 
 Writing never loses the user's files: a folder is written complete into a
 hidden temporary folder beside OUT, then renamed to OUT. An existing OUT is
@@ -31,10 +34,15 @@ import shutil
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import uuid
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from configs import default as default_config
+from data_pipelines import metadata
+from data_pipelines import scenes
 
 CONFIG_FILE = 'config.json'
 VARIABLES_DIR = 'variables'
@@ -185,20 +193,47 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit] + '...'
 
 
-def load_config(model_dir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(model_dir, CONFIG_FILE)
-  if not os.path.exists(path):
+def merge_config(saved: Dict) -> ml_collections.ConfigDict:
+  """A saved config (a dict) over the default config.
+
+  Keys added to the default config since it was saved take their default
+  values, so older runs and model folders still load, and code reads every
+  key as `config.KEY`. Integers saved for float keys become floats; a value
+  of a type the default does not have replaces it.
+  """
+  config = default_config.get_config()
+  with config.unlocked():
+    for key, value in saved.items():
+      if key in config and isinstance(config[key], float) and isinstance(
+          value, int) and not isinstance(value, bool):
+        value = float(value)
+      if key in config and not isinstance(value, type(config[key])):
+        config[key] = None  # A type the default does not have: take it.
+      config[key] = value
+  return config
+
+
+def load_config(folder: str) -> ml_collections.ConfigDict:
+  """The config.json of a model folder or a training workdir, merged over
+  the default config (see `merge_config`)."""
+  path = os.path.join(folder, CONFIG_FILE)
+  if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'{path} not found: {model_dir} is not a spade_jax model folder '
-        '(made by `python -m spade_jax.convert` or `python -m '
-        'spade_jax.export`).')
+        f'{path} not found: {folder} is neither a training workdir (written '
+        'by `python -m spade_jax.main`) nor a spade_jax model folder (made by '
+        '`python -m spade_jax.convert` or `python -m spade_jax.export`).')
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError, TypeError) as e:
-    raise ValueError(f'cannot read {path}: {e}. The model folder '
-                     f'{model_dir} is damaged: export or convert it again.'
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'expected a JSON object, got {type(saved).__name__}')
+  except (OSError, ValueError) as e:
+    how = ('export or convert it again' if is_model_folder(folder) else
+           'training writes it at start; restore it from a copy (the same '
+           'config as the run)')
+    raise ValueError(f'cannot read {path}: {e}. {folder} is damaged: {how}.'
                      ) from None
+  return merge_config(saved)
 
 
 def load_model(model_dir: str) -> Tuple[ml_collections.ConfigDict, Dict]:
@@ -272,3 +307,89 @@ def load_classes(model_dir: str) -> Optional[Dict[str, Optional[List]]]:
   if not os.path.isfile(path):
     return None
   return read_classes_file(path)
+
+
+def _info_classes(data_dir: str) -> Optional[Dict]:
+  """Names and colours from a built data set's dataset_info.json, or None."""
+  if not data_dir:
+    return None
+  if not os.path.isfile(os.path.join(data_dir, metadata.INFO_FILE)):
+    return None
+  try:
+    info = metadata.DatasetInfo.load(data_dir)
+  except (OSError, ValueError, TypeError) as e:
+    logging.warning('Cannot read the class names and colours of %s: %s',
+                    data_dir, e)
+    return None
+  if not info.class_names and not info.colors:
+    return None
+  return {'names': info.class_names, 'colors': info.colors}
+
+
+def read_class_source(path: str, label_nc: int) -> Dict:
+  """{'names', 'colors'} of a built data set folder or a classes.json file.
+
+  `path` is a data set folder (its dataset_info.json, from
+  `data_pipelines.build` or the synthetic set) whose label_nc must equal the
+  model's `label_nc`, or a classes.json file (`model_io` format) whose names
+  and colours cover label_nc classes (label_nc + 1 with a don't-care entry).
+  Raises FileNotFoundError or ValueError naming the file and both numbers.
+  """
+  label_nc = int(label_nc)
+  if os.path.isdir(path):
+    info_path = os.path.join(path, metadata.INFO_FILE)
+    if not os.path.isfile(info_path):
+      raise FileNotFoundError(
+          f'{info_path} not found: {path} is not a built data set folder. '
+          'Pass one (python -m data_pipelines.build ... --data_dir DIR) or a '
+          f'{CLASSES_FILE} file.')
+    try:
+      info = metadata.DatasetInfo.load(path)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'cannot read {info_path}: {e}') from None
+    if int(info.label_nc) != label_nc:
+      raise ValueError(
+          f'the data set {path} has {info.label_nc} classes (label_nc in '
+          f'{metadata.INFO_FILE}) but the model has label_nc={label_nc}: '
+          'pass the data set the model was trained on.')
+    return check_classes(
+        {'names': info.class_names, 'colors': info.colors}, info_path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: pass a built data set folder (with '
+        f'{metadata.INFO_FILE}) or a {CLASSES_FILE} file.')
+  classes = read_classes_file(path)
+  for key, what in (('names', 'class names'), ('colors', 'colours')):
+    entries = classes[key]
+    if entries is not None and not label_nc <= len(entries) <= label_nc + 1:
+      raise ValueError(
+          f'{path} has {len(entries)} {what} but the model has label_nc='
+          f'{label_nc}: expected {label_nc} (or {label_nc + 1} with the '
+          "don't-care class).")
+  return classes
+
+
+def class_metadata(config: ml_collections.ConfigDict,
+                   source: str) -> Optional[Dict]:
+  """{'names', 'colors'} of the model's classes (either may be None), or None.
+
+  Looked up, in order: `source`'s classes.json when it is a model folder; the
+  training data's dataset_info.json (config.data_dir, or for a synthetic run
+  without one, `source`/data/synthetic where training generated it); the
+  synthetic set's own names and colours for dataset='synthetic'.
+  """
+  if is_model_folder(source):
+    found = load_classes(source)
+    if found is not None:
+      return found
+  data_dir = config.data_dir
+  if (not data_dir and config.dataset == 'synthetic'
+      and not is_model_folder(source)):
+    data_dir = os.path.join(source, 'data', 'synthetic')
+  found = _info_classes(data_dir)
+  if found is not None:
+    return found
+  if config.dataset == 'synthetic':
+    info = scenes.dataset_info()
+    return {'names': info.class_names, 'colors': info.colors}
+  return None

@@ -41,19 +41,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'({n} upsamplings) produces {got[0]}x{got[1]}: use a crop_size that '
         f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
         'one), or another num_upsampling_layers.')
-  diffaugment.parse_policy(config.get('diffaugment', ''))
+  diffaugment.parse_policy(config.diffaugment)
   num_devices = len(sharding.mesh_devices(config))
   if config.batch_size % num_devices:
     raise ValueError(
         f'batch_size={config.batch_size} is not divisible by the '
         f'{num_devices} devices: the batch is split evenly over them.')
-  if config.get('fid_every_steps', 0) > 0 and not config.get(
-      'inception_weights', ''):
+  if config.fid_every_steps > 0 and not config.inception_weights:
     raise ValueError(
         f'fid_every_steps={config.fid_every_steps} computes FID during '
         'training and needs config.inception_weights (or set '
         'fid_every_steps=0). ' + inception.HOW_TO_GET)
-  if not config.get('adam_eps', 1e-8) > 0:
+  if not config.adam_eps > 0:
     raise ValueError(f'adam_eps={config.adam_eps} must be positive.')
   if config.gan_mode not in losses.GAN_MODES:
     raise ValueError(f'gan_mode={config.gan_mode!r}: expected one of '

@@ -32,6 +32,7 @@ from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import synthesizer
+from spade_jax import train_state
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
@@ -102,8 +103,8 @@ class Model:
         'no_instance': bool(config.no_instance),
         'dontcare': dontcare,
         'eraser_id': DONTCARE_VALUE if dontcare else 0,
-        'has_samples': config.get('dataset') == 'synthetic',
-        'dataset': config.get('dataset', 'custom'),
+        'has_samples': config.dataset == 'synthetic',
+        'dataset': config.dataset,
         'netG': config.netG,
         'max_seed': MAX_SEED,
     }
@@ -148,14 +149,13 @@ def load_model(path: str, step: Optional[int] = None,
         'or spade_jax.convert) or a training workdir (from spade_jax.main).')
   config = metadata = None
   if classes:  # Checked before the (slower) restore of the variables.
-    config = (model_io.load_config(path) if export.is_model_folder(path)
-              else export.workdir_config(path))
-    metadata = export.read_class_source(classes, config.label_nc)
-  config, variables, step = export.load_inference_variables(path, step,
-                                                            use_ema, config)
+    config = model_io.load_config(path)
+    metadata = model_io.read_class_source(classes, config.label_nc)
+  config, variables, step = train_state.load_inference_variables(
+      path, step, use_ema, config)
   synth = Synthesizer(config, variables)
   if metadata is None:
-    metadata = export.class_metadata(config, path)
+    metadata = model_io.class_metadata(config, path)
   names, colors = class_table(config, metadata)
   return Model(synth=synth, names=names, colors=colors, source=path,
                step=step)
@@ -228,7 +228,7 @@ def resize_nearest(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 def map_dataset_ids(raw: np.ndarray, config) -> np.ndarray:
   """Raw data-set ids -> class ids (input_pipeline.map_labels, in numpy)."""
   label = raw
-  if config.get('dataset') == 'ade20k':
+  if config.dataset == 'ade20k':
     label = np.where(raw == 0, config.label_nc, raw - 1)
   if config.contain_dontcare_label:
     label = np.where(raw == DONTCARE_VALUE, config.label_nc, label)
@@ -341,7 +341,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def sample_label(model: Model, seed: int) -> np.ndarray:
   """A generated synthetic scene's label map at the model's size."""
-  size = int(model.config.get('synthetic_size', 96))
+  size = int(model.config.synthetic_size)
   _, label, _ = scenes.generate_scene(
       scenes.scene_rng(seed, 'serve', 0), size)
   return resize_nearest(label.astype(np.int32), model.synth.image_size)
@@ -556,7 +556,7 @@ class App:
     return self.model.info()
 
   def sample(self, seed_text: str) -> Dict:
-    if self.model.config.get('dataset') != 'synthetic':
+    if self.model.config.dataset != 'synthetic':
       raise RequestError(404, 'this model has no sample label maps (only '
                          'models of the synthetic data set do).')
     label = sample_label(self.model, parse_seed(seed_text))

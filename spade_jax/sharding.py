@@ -14,7 +14,7 @@ import numpy as np
 def mesh_devices(config) -> List[jax.Device]:
   """All devices, or the first config.num_devices (single process only)."""
   devices = jax.devices()
-  n = config.get('num_devices', 0) or 0
+  n = config.num_devices or 0
   if n == 0 or n == len(devices):
     return devices
   if not 0 < n < len(devices):

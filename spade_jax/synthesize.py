@@ -117,7 +117,7 @@ def read_map(path: str, what: str, palette: Optional[np.ndarray] = None,
     raise InputError(str(e)) from None
   if by_palette:
     ids = label_maps.class_ids_to_raw(
-        ids, dataset=config.get('dataset', 'custom'),
+        ids, dataset=config.dataset,
         label_nc=int(config.label_nc),
         contain_dontcare_label=bool(config.contain_dontcare_label))
   return ids
@@ -141,7 +141,7 @@ def label_colors(config, data_dir: Optional[str] = None,
   classes = model_io.load_classes(model_dir) if model_dir else None
   if classes and classes.get('colors'):
     return classes['colors']
-  if config.get('dataset', '') == 'synthetic':
+  if config.dataset == 'synthetic':
     return [list(c) for c in scenes.CLASS_COLORS]
   return None
 
@@ -192,7 +192,7 @@ def prepare(config, pre: input_pipeline.Preprocess, raw_label: np.ndarray,
   out_image, maps = input_pipeline.transform(
       tf.constant(base), maps, pre, tf.constant([0, 0], tf.int64))
   label = input_pipeline.map_labels(
-      maps['label'], dataset=config.get('dataset', 'custom'),
+      maps['label'], dataset=config.dataset,
       label_nc=int(config.label_nc),
       contain_dontcare_label=bool(config.contain_dontcare_label))
   inst = maps['instance'].numpy() if instance is not None else None

@@ -5,7 +5,10 @@ discriminator update whose fake image is re-generated (without gradient) by
 the UPDATED generator, fake and real going through D as one batch (fake
 first). Both updates are one jitted function over a `jax.sharding.Mesh`, the
 batch sharded over the `data` axis and everything else replicated, so
-BatchNorm statistics are global across devices (and processes).
+BatchNorm statistics are global across devices (and processes). The state is
+two flax TrainStates, G's and D's, each with its optimiser
+(`train_state.py`). The loop's periodic work (logging, sample images and the
+colour error, FID, checkpoints) runs as clu periodic actions after each step.
 """
 import functools
 import os
@@ -48,9 +51,13 @@ def _split_fake_real(outputs):
   return fake, real
 
 
-def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_params,
-               *, config, tx_g, tx_d, sched_g, sched_d):
-  """One G update then one D update. Returns (new_state, metrics)."""
+def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array],
+               vgg_params, config):
+  """One G update then one D update. Returns (new_state, metrics).
+
+  Each network's optimiser is in its own flax TrainState (`state.g`,
+  `state.d`); the learning-rate metrics come from their schedules.
+  """
   gen = models.make_generator(config)
   disc = models.make_discriminator(config)
   enc = models.make_encoder(config) if config.use_vae else None
@@ -60,7 +67,7 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, d_rng = jax.random.split(rng)
   # DiffAugment draws: their own stream, so turning it on leaves z alone.
-  aug_policy = config.get('diffaugment', '')
+  aug_policy = config.diffaugment
   g_aug_rng, d_aug_rng = jax.random.split(jax.random.fold_in(rng, 0x0a09))
 
   def generate(g_params, g_stats, rng):
@@ -95,9 +102,9 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
 
   # ---- Generator update.
   def g_loss_fn(g_params):
-    fake, g_stats, kld = generate(g_params, state.g_stats, g_rng)
+    fake, g_stats, kld = generate(g_params, state.g.batch_stats, g_rng)
     (pred_fake, pred_real), d_stats = discriminate(
-        state.d_params, state.d_stats, fake, g_aug_rng)
+        state.d.params, state.d.batch_stats, fake, g_aug_rng)
     terms = {'G_GAN': losses.gan_loss(pred_fake, True, for_discriminator=False,
                                       gan_mode=config.gan_mode)}
     if not config.no_ganFeat_loss:
@@ -112,13 +119,11 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
     return total, (terms, g_stats, d_stats)
 
   (g_total, (g_terms, g_stats, d_stats)), g_grads = jax.value_and_grad(
-      g_loss_fn, has_aux=True)(state.g_params)
-  g_updates, g_opt_state = tx_g.update(g_grads, state.g_opt_state,
-                                       state.g_params)
-  g_params = optax.apply_updates(state.g_params, g_updates)
+      g_loss_fn, has_aux=True)(state.g.params)
+  g_state = state.g.apply_gradients(grads=g_grads)
 
   # ---- Discriminator update, on a fake from the UPDATED generator.
-  fake, g_stats, _ = generate(g_params, g_stats, d_rng)
+  fake, g_stats, _ = generate(g_state.params, g_stats, d_rng)
   fake = jax.lax.stop_gradient(fake)
 
   def d_loss_fn(d_params):
@@ -130,32 +135,27 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array], vgg_p
     return sum(terms.values()), (terms, new_d_stats)
 
   (d_total, (d_terms, d_stats)), d_grads = jax.value_and_grad(
-      d_loss_fn, has_aux=True)(state.d_params)
-  d_updates, d_opt_state = tx_d.update(d_grads, state.d_opt_state,
-                                       state.d_params)
-  d_params = optax.apply_updates(state.d_params, d_updates)
+      d_loss_fn, has_aux=True)(state.d.params)
+  d_state = state.d.apply_gradients(grads=d_grads, batch_stats=d_stats)
 
-  ema = state.ema_params
+  ema = g_state.ema_params
   if ema is not None:
-    ema = optax.incremental_update(g_params['generator'], ema,
+    ema = optax.incremental_update(g_state.params['generator'], ema,
                                    1.0 - config.ema_decay)
+  g_state = g_state.replace(batch_stats=g_stats, ema_params=ema)
   metrics = {**g_terms, **d_terms, 'G_total': g_total, 'D_total': d_total,
-             'lr_G': sched_g(state.step), 'lr_D': sched_d(state.step)}
+             'lr_G': state.g.lr_schedule(state.step),
+             'lr_D': state.d.lr_schedule(state.step)}
   metrics['finite'] = jnp.isfinite(g_total) & jnp.isfinite(d_total)
-  new_state = state.replace(
-      step=state.step + 1, g_params=g_params, g_stats=g_stats,
-      d_params=d_params, d_stats=d_stats, g_opt_state=g_opt_state,
-      d_opt_state=d_opt_state, ema_params=ema)
-  return new_state, metrics
+  return state.replace(g=g_state, d=d_state), metrics
 
 
-def compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d):
+def compile_train_step(config, mesh):
   """jit(train_step) with the batch sharded on `data`, the rest replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data'))
-  step_fn = functools.partial(train_step, config=config, tx_g=tx_g, tx_d=tx_d,
-                              sched_g=sched_g, sched_d=sched_d)
+  step_fn = functools.partial(train_step, config=config)
   return jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -229,18 +229,149 @@ class _StopRequest:
 
 
 # ---------------------------------------------------------------------------
+# The loop's periodic work.
+# ---------------------------------------------------------------------------
+class _Periodic(periodic_actions.PeriodicCallback):
+  """`callback_fn(step=, t=, state=)` every `every_steps`, on the last step
+  and, with `on_stop`, when a stop is requested."""
+
+  def __init__(self, every_steps: int, last_step: int, callback_fn,
+               on_stop: bool = False):
+    super().__init__(every_steps=every_steps, on_steps=[last_step],
+                     callback_fn=callback_fn)
+    self._on_stop = on_stop
+    self._stopping = False
+
+  def __call__(self, step: int, state, stopping: bool) -> bool:
+    self._stopping = stopping and self._on_stop
+    return super().__call__(step, state=state)
+
+  def _should_trigger(self, step: int, t: float) -> bool:
+    return self._stopping or super()._should_trigger(step, t)
+
+
+class _TrainMetrics:
+  """The train step's metrics since the last log: checked, averaged, written."""
+
+  def __init__(self, writer, mngr, config, start: int):
+    self._writer, self._mngr, self._config = writer, mngr, config
+    self._history = []
+    self._last_time, self._last_step = time.time(), start
+
+  def add(self, step_metrics) -> None:
+    self._history.append(step_metrics)
+
+  def check_finite(self, step: int) -> None:
+    """Raises FloatingPointError (naming the last good checkpoint) on NaN."""
+    self._history = jax.device_get(self._history)
+    if all(bool(m['finite']) for m in self._history):
+      return
+    bad = next(m for m in self._history if not bool(m['finite']))
+    raise FloatingPointError(
+        f'Non-finite loss by step {step} (G_total={float(bad["G_total"])}, '
+        f'D_total={float(bad["D_total"])}). Training stopped; no checkpoint '
+        'was written after this. The last good checkpoint is step '
+        f'{self._mngr.latest_step()}. Try a lower learning rate, float32 '
+        'compute, or check the input data.')
+
+  def write(self, step: int, t: float, state) -> None:
+    del t, state
+    self.check_finite(step)
+    now = time.time()
+    scalars = {f'train/{k}': float(np.mean([m[k] for m in self._history]))
+               for k in self._history[0] if k != 'finite'}
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    scalars['train/steps_per_s'] = rate
+    scalars['train/images_per_s'] = rate * self._config.batch_size
+    self._writer.write_scalars(step, scalars)
+    self._history, self._last_time, self._last_step = [], now, step
+
+  def save(self, step: int, t: float, state) -> None:
+    del t
+    if self._history:
+      self.check_finite(step)
+    train_state.save_checkpoint(self._mngr, state, self._config)
+
+
+class _Previews:
+  """Samples, colour error and FID of the current generator (process 0)."""
+
+  def __init__(self, config, data_dir, writer, colors):
+    self._config, self._writer, self._colors = config, writer, colors
+    self._generate = make_generate_fn(config)
+    self._eval_batches = list(input_pipeline.numpy_batches(
+        input_pipeline.create_split(config, data_dir, config.eval_split,
+                                    train=False, process_index=0,
+                                    process_count=1)))
+    self._sample_batch = {k: v[:8] for k, v in self._eval_batches[0].items()}
+    self._fid = (evaluate.TrainingFID(config, data_dir)
+                 if config.fid_every_steps > 0 else None)
+
+  def samples_and_error(self, step: int, t: float, state) -> None:
+    del t
+    g_vars = train_state.generator_variables(state)
+    if step:
+      self._writer.write_images(step, {'samples': sample_grid(
+          self._config, self._generate, g_vars, self._sample_batch,
+          self._colors)})
+    err = evaluate_color_error(self._generate, g_vars, self._eval_batches,
+                               models.num_classes(self._config))
+    self._writer.write_scalars(step, {'eval/class_color_error': err})
+
+  def fid(self, step: int, t: float, state) -> None:
+    del t
+    score = self._fid(train_state.generator_variables(state))
+    self._writer.write_scalars(step, {'eval/fid': score})
+    logging.info('FID at step %d: %.4f', step, score)
+
+
+def _periodic_work(config, num_steps, metrics, previews):
+  """The actions run after each step, in order: log, previews, checkpoint."""
+  last = num_steps
+  actions = [_Periodic(config.log_every_steps, last, metrics.write,
+                       on_stop=True)]
+  if previews is not None:
+    actions.append(_Periodic(config.image_every_steps, last,
+                             previews.samples_and_error))
+    if config.fid_every_steps > 0:
+      actions.append(_Periodic(config.fid_every_steps, last, previews.fid))
+  actions.append(_Periodic(config.checkpoint_every_steps, last, metrics.save,
+                           on_stop=True))
+  return actions
+
+
+# ---------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------
-def _check_finite(history, step: int, mngr) -> None:
-  if all(bool(m['finite']) for m in history):
-    return
-  bad = next(m for m in history if not bool(m['finite']))
-  last = mngr.latest_step()
-  raise FloatingPointError(
-      f'Non-finite loss by step {step} (G_total={float(bad["G_total"])}, '
-      f'D_total={float(bad["D_total"])}). Training stopped; no checkpoint was '
-      f'written after this. The last good checkpoint is step {last}. Try a '
-      'lower learning rate, float32 compute, or check the input data.')
+def _initial_state(config, workdir, mesh, steps_per_epoch):
+  """A new state, the newest checkpoint's, or config.init_from's; the
+  checkpoint manager."""
+  state = train_state.create_train_state(
+      config, jax.random.PRNGKey(config.seed), steps_per_epoch)
+  mngr = train_state.checkpoint_manager(workdir, config)
+  if mngr.latest_step() is not None:
+    state = train_state.restore_checkpoint(mngr, state, config, mesh,
+                                           set_aside_damaged=True)
+  elif config.init_from:
+    state = train_state.apply_init_from(state, config)
+  parameter_overview.log_parameter_overview(state.g.params,
+                                            msg='Generator (and encoder)')
+  parameter_overview.log_parameter_overview(state.d.params,
+                                            msg='Discriminator')
+  return state, mngr
+
+
+def _num_steps(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return (config.niter + config.niter_decay) * steps_per_epoch
+
+
+def _stop_requested(stop, step: int, config) -> bool:
+  # With several processes, asking is a collective: only at log steps.
+  if jax.process_count() == 1 or step % config.log_every_steps == 0:
+    return stop.should_stop()
+  return False
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -249,116 +380,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   run_config.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   data_dir = run_config.resolve_data_dir(config, workdir)
-  info = records.DatasetInfo.load(data_dir)
   steps_per_epoch = input_pipeline.steps_per_epoch(
       data_dir, config.train_split, config.batch_size)
-  num_steps = config.num_train_steps
-  if num_steps <= 0:
-    num_steps = (config.niter + config.niter_decay) * steps_per_epoch
+  num_steps = _num_steps(config, steps_per_epoch)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.items()
                         if isinstance(v, (int, float, str, bool))})
-
   mesh = sharding.make_mesh(config)
-  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, steps_per_epoch)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed), tx_g,
-                             tx_d)
-  mngr = train_state.checkpoint_manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state = train_state.restore_checkpoint(mngr, state, config, mesh,
-                               set_aside_damaged=True)
-  elif config.init_from:
-    state = train_state.apply_init_from(state, config, tx_g, tx_d)
+  state, mngr = _initial_state(config, workdir, mesh, steps_per_epoch)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  parameter_overview.log_parameter_overview(state.g_params,
-                                            msg='Generator (and encoder)')
-  parameter_overview.log_parameter_overview(state.d_params,
-                                            msg='Discriminator')
-  vgg_params = None
-  if config.lambda_vgg > 0:
-    vgg_params = vgg_lib.load_vgg19_params(config.vgg_weights)
-
+  vgg_params = (vgg_lib.load_vgg19_params(config.vgg_weights)
+                if config.lambda_vgg > 0 else None)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
-  vgg_params = jax.device_put(vgg_params, replicated)
-  step_fn = compile_train_step(config, mesh, tx_g, tx_d, sched_g, sched_d)
-  # Samples and the colour error: process 0 alone, on its local devices.
-  chief = jax.process_index() == 0
-  generate = make_generate_fn(config)
-  if chief:
-    eval_batches = list(input_pipeline.numpy_batches(
-        input_pipeline.create_split(config, data_dir, config.eval_split,
-                                    train=False, process_index=0,
-                                    process_count=1)))
-    sample_batch = {k: v[:8] for k, v in eval_batches[0].items()}
-
-  fid_every = int(config.get('fid_every_steps', 0))
-  training_fid = None
-  if chief and fid_every > 0:
-    training_fid = evaluate.TrainingFID(config, data_dir)
-
-  def write_samples_and_error(step):
-    if not chief:
-      return
-    g_vars = train_state.generator_variables(state)
-    if step:
-      writer.write_images(step, {'samples': sample_grid(
-          config, generate, g_vars, sample_batch, info.colors)})
-    err = evaluate_color_error(generate, g_vars, eval_batches,
-                               models.num_classes(config))
-    writer.write_scalars(step, {'eval/class_color_error': err})
-
-  def write_fid(step):
-    if training_fid is None:
-      return
-    score = training_fid(train_state.generator_variables(state))
-    writer.write_scalars(step, {'eval/fid': score})
-    logging.info('FID at step %d: %.4f', step, score)
-
+  state, vgg_params = jax.device_put((state, vgg_params), replicated)
+  step_fn = compile_train_step(config, mesh)
+  # Samples, colour error, FID: process 0 alone, on its local devices.
+  previews = (_Previews(config, data_dir, writer,
+                        records.DatasetInfo.load(data_dir).colors)
+              if jax.process_index() == 0 else None)
   start = int(jax.device_get(state.step))
   train_iter = input_pipeline.numpy_batches(input_pipeline.create_split(
       config, data_dir, config.train_split, train=True, start_step=start))
+  metrics = _TrainMetrics(writer, mngr, config, start)
+  actions = _periodic_work(config, num_steps, metrics, previews)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
-  history = []
-  last_log_time, last_log_step = time.time(), start
   with _StopRequest() as stop, metric_writers.ensure_flushes(writer):
-    if start == 0:
-      write_samples_and_error(0)
-    step = start
-    while step < num_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = step_fn(state, batch, vgg_params)
-      history.append(step_metrics)
-      step += 1
+    if start == 0 and previews is not None:
+      previews.samples_and_error(0, 0.0, state)
+    for step in range(start + 1, num_steps + 1):
+      state, step_metrics = step_fn(
+          state, sharding.global_batch(next(train_iter), mesh), vgg_params)
+      metrics.add(step_metrics)
       report(step)
-      is_last = step == num_steps
-      stop_now = stop.should_stop() if (jax.process_count() == 1 or
-                                        step % config.log_every_steps == 0
-                                        ) else False
-      if step % config.log_every_steps == 0 or is_last or stop_now:
-        history = jax.device_get(history)
-        _check_finite(history, step, mngr)
-        now = time.time()
-        scalars = {f'train/{k}': float(np.mean([m[k] for m in history]))
-                   for k in history[0] if k != 'finite'}
-        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        scalars['train/steps_per_s'] = rate
-        scalars['train/images_per_s'] = rate * config.batch_size
-        writer.write_scalars(step, scalars)
-        history, last_log_time, last_log_step = [], now, step
-      if step % config.image_every_steps == 0 or is_last:
-        write_samples_and_error(step)
-      if fid_every > 0 and (step % fid_every == 0 or is_last):
-        write_fid(step)
-      if step % config.checkpoint_every_steps == 0 or is_last or stop_now:
-        if history:
-          history = jax.device_get(history)
-          _check_finite(history, step, mngr)
-        train_state.save_checkpoint(mngr, state, config)
+      stop_now = _stop_requested(stop, step, config)
+      for action in actions:
+        action(step, state, stop_now)
       if stop_now:
         logging.warning('Stopped at step %d on request; run the same command '
                         'again to resume.', step)

@@ -1,19 +1,24 @@
 """The training state: both networks, their optimisers, saved and restored.
 
-`TrainState` holds what a run carries from step to step; `make_optimizers`
-builds the reference's Adam settings and learning-rate schedules;
+`TrainState` holds what a run carries from step to step: two flax
+TrainStates, G's and D's, each with its optimiser (the reference's Adam
+settings and learning-rate schedules, `make_optimizers`), and the random key.
 `create_train_state` initialises it for a config, `apply_init_from` starts
 it from a model folder, and the orbax checkpoint functions save it and
-restore the newest readable step (`checkpoints.py`) on this run's mesh.
-`generator_variables` takes the generator's inference variables out of it.
+restore the newest readable step (`checkpoints.py`) on this run's mesh;
+`read_checkpoint` reads one for export, evaluation and the server.
+`generator_variables` and `inference_variables` take the generator's
+inference variables out of it.
 Used by training, evaluation, export and the server; it imports neither
 TensorFlow nor the losses.
 """
+import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import flax
+from flax.training import train_state as flax_train_state
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -37,18 +42,41 @@ ARCHITECTURE_KEYS = (
 
 
 
+class NetState(flax_train_state.TrainState):
+  """One network's flax TrainState: params, optimiser (tx) and its state.
+
+  `batch_stats` holds the mutable collections the network updates in
+  training (BatchNorm running statistics, spectral-norm vectors);
+  `lr_schedule` is the schedule inside `tx`, for the learning-rate metrics.
+  `apply_fn` is unused (the train step builds its modules from the config).
+  """
+  batch_stats: Any = None
+  lr_schedule: Optional[Callable] = flax.struct.field(pytree_node=False,
+                                                      default=None)
+
+
+class GeneratorState(NetState):
+  """The generator's (and encoder's) state; params and batch_stats are
+  {'generator': ..., 'encoder': ... (VAE)}, ema_params the EMA of the
+  generator's params (or None)."""
+  ema_params: Any = None
+
+
+class DiscriminatorState(NetState):
+  """The (multi-scale) discriminator's state."""
+
+
 @flax.struct.dataclass
 class TrainState:
-  """Everything a training run carries from step to step."""
-  step: jax.Array
-  g_params: Dict[str, Any]  # {'generator': ..., 'encoder': ... (VAE)}
-  g_stats: Dict[str, Any]   # their batch_stats (BN running stats, SN vectors)
-  d_params: Any
-  d_stats: Any
-  g_opt_state: Any
-  d_opt_state: Any
-  ema_params: Any  # EMA of the generator's params, or None
+  """Everything a training run carries from step to step: G, D, the key."""
+  g: GeneratorState
+  d: DiscriminatorState
   rng: jax.Array
+
+  @property
+  def step(self) -> jax.Array:
+    """Iterations done (each updates G then D once)."""
+    return self.g.step
 
 
 # ---------------------------------------------------------------------------
@@ -63,8 +91,7 @@ def adam_betas(config) -> Tuple[float, float]:
   None (the config's default); this is the one place it is resolved.
   """
   default = (0.5, 0.999) if config.no_TTUR else (0.0, 0.9)
-  b1 = config.get('beta1')
-  b2 = config.get('beta2')
+  b1, b2 = config.beta1, config.beta2
   return (default[0] if b1 is None else float(b1),
           default[1] if b2 is None else float(b2))
 
@@ -99,7 +126,7 @@ def make_optimizers(config, steps_per_epoch: int):
                         config.niter_decay)
   sched_d = lr_schedule(lr_d, steps_per_epoch, config.niter,
                         config.niter_decay)
-  eps = config.get('adam_eps', 1e-8)
+  eps = config.adam_eps
   return (optax.adam(sched_g, b1=b1, b2=b2, eps=eps),
           optax.adam(sched_d, b1=b1, b2=b2, eps=eps), sched_g, sched_d)
 
@@ -107,8 +134,18 @@ def make_optimizers(config, steps_per_epoch: int):
 # ---------------------------------------------------------------------------
 # State.
 # ---------------------------------------------------------------------------
-def create_train_state(config, rng, tx_g, tx_d) -> TrainState:
-  """Initialises G (+E) and D for the config's crop size."""
+def create_train_state(config, rng, steps_per_epoch: int = 1, *,
+                       tx: Optional[Tuple[optax.GradientTransformation,
+                                          optax.GradientTransformation]] = None
+                       ) -> TrainState:
+  """Initialises G (+E) and D for the config's crop size, with optimisers.
+
+  The optimisers are the reference's (`make_optimizers`, whose schedules
+  need `steps_per_epoch`); `tx` = (tx_G, tx_D) replaces them (tests).
+  """
+  tx_g, tx_d, sched_g, sched_d = make_optimizers(config, steps_per_epoch)
+  if tx is not None:
+    tx_g, tx_d = tx
   h, w = models.output_size(config)
   label = jnp.zeros((1, h, w), jnp.int32)
   edges = jnp.zeros((1, h, w), jnp.float32)
@@ -124,13 +161,18 @@ def create_train_state(config, rng, tx_g, tx_d) -> TrainState:
     e_vars = models.make_encoder(config).init(e_rng, image)
     g_params['encoder'] = e_vars['params']
     g_stats['encoder'] = e_vars.get('batch_stats', {})
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), g_params=g_params, g_stats=g_stats,
-      d_params=d_vars['params'], d_stats=d_vars.get('batch_stats', {}),
-      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_vars['params']),
+  step = lambda: jnp.zeros((), jnp.int32)
+  g = GeneratorState(
+      step=step(), apply_fn=None, params=g_params, tx=tx_g,
+      opt_state=tx_g.init(g_params), batch_stats=g_stats,
+      lr_schedule=sched_g,
       ema_params=(_copy(g_params['generator']) if config.ema_decay > 0
-                  else None),
-      rng=rng)
+                  else None))
+  d = DiscriminatorState(
+      step=step(), apply_fn=None, params=d_vars['params'], tx=tx_d,
+      opt_state=tx_d.init(d_vars['params']),
+      batch_stats=d_vars.get('batch_stats', {}), lr_schedule=sched_d)
+  return TrainState(g=g, d=d, rng=rng)
 
 
 def _copy(tree):
@@ -139,7 +181,7 @@ def _copy(tree):
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
+def apply_init_from(state: TrainState, config) -> TrainState:
   """Starts from a model folder (e.g. a converted reference checkpoint)."""
   src_config, variables = model_io.load_model(config.init_from)
   diff = [k for k in ARCHITECTURE_KEYS
@@ -159,39 +201,146 @@ def apply_init_from(state: TrainState, config, tx_g, tx_d) -> TrainState:
     return (jax.tree_util.tree_map(jnp.asarray, src['params']),
             jax.tree_util.tree_map(jnp.asarray, src.get('batch_stats', {})))
 
-  g_params, g_stats = dict(state.g_params), dict(state.g_stats)
+  g_params, g_stats = dict(state.g.params), dict(state.g.batch_stats)
   for name in g_params:
     g_params[name], g_stats[name] = take(name, g_params[name], g_stats[name])
-  d_params, d_stats = take('discriminator', state.d_params, state.d_stats)
+  d_params, d_stats = take('discriminator', state.d.params,
+                           state.d.batch_stats)
   logging.info('Initialised from %s', config.init_from)
-  return state.replace(
-      g_params=g_params, g_stats=g_stats, d_params=d_params, d_stats=d_stats,
-      g_opt_state=tx_g.init(g_params), d_opt_state=tx_d.init(d_params),
-      ema_params=(_copy(g_params['generator']) if state.ema_params is not None
-                  else None))
+  g = state.g.replace(
+      params=g_params, batch_stats=g_stats,
+      opt_state=state.g.tx.init(g_params),
+      ema_params=(_copy(g_params['generator'])
+                  if state.g.ema_params is not None else None))
+  d = state.d.replace(params=d_params, batch_stats=d_stats,
+                      opt_state=state.d.tx.init(d_params))
+  return state.replace(g=g, d=d)
 
 
 def generator_variables(state: TrainState, use_ema: bool = True) -> Dict:
   """The generator's inference variables (EMA weights when kept), on host."""
-  params = state.g_params['generator']
-  if use_ema and state.ema_params is not None:
-    params = state.ema_params
+  params = state.g.params['generator']
+  if use_ema and state.g.ema_params is not None:
+    params = state.g.ema_params
   # Replicated global arrays -> this process's copy, so that evaluation runs
   # on local devices only (also with several processes).
   local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(
       x, jax.Array) else np.asarray(x)
   return jax.tree_util.tree_map(
-      local, {'params': params, 'batch_stats': state.g_stats['generator']})
+      local, {'params': params, 'batch_stats': state.g.batch_stats['generator']})
+
+
+def inference_variables(state: TrainState, use_ema: bool = True) -> Dict:
+  """The generator's (and encoder's) eval-mode variables, as a model folder
+  holds them: {'generator': ..., 'encoder': ... (VAE)}, numpy arrays."""
+  params = state.g.params['generator']
+  if use_ema and state.g.ema_params is not None:
+    params = state.g.ema_params
+  out = {'generator': {'params': params,
+                       'batch_stats': state.g.batch_stats['generator']}}
+  if 'encoder' in state.g.params:
+    out['encoder'] = {'params': state.g.params['encoder'],
+                      'batch_stats': state.g.batch_stats['encoder']}
+  return jax.tree_util.tree_map(np.asarray, out)
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints.
 # ---------------------------------------------------------------------------
+CHECKPOINTS_DIR = 'checkpoints'
+# A top-level key of the state in checkpoints written before G and D had
+# their own TrainStates (one state with g_params, g_opt_state, ...).
+_OLD_LAYOUT_KEY = 'g_opt_state'
+
+
+def _top_level_keys(step_folder: str) -> set:
+  """The first keys of the saved state's tree (empty when unreadable)."""
+  try:
+    with open(os.path.join(step_folder, 'state', '_METADATA')) as f:
+      tree = json.load(f)['tree_metadata']
+    return {v['key_metadata'][0]['key'] for v in tree.values()}
+  except (OSError, ValueError, KeyError, TypeError, IndexError):
+    return set()  # Damaged: `checkpoints.restore_newest` reports it.
+
+
+def check_layout(mngr: ocp.CheckpointManager) -> None:
+  """Raises CheckpointError on checkpoints of the older state layout."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    folder = checkpoints.step_folder(mngr, step)
+    if _OLD_LAYOUT_KEY in _top_level_keys(folder):
+      raise checkpoints.CheckpointError(
+          f'The checkpoint {folder} (step {step}) was written by an older '
+          'spade_jax, whose training state kept G and D in one TrainState; '
+          'this version keeps them in two and cannot read it. Start afresh '
+          '(a new workdir, or move its checkpoints folder away), or read it '
+          'with the spade_jax version that wrote it (e.g. to export a model '
+          'folder, which config.init_from can start from).')
+
+
+def abstract_train_state(config, sharding_of: jax.sharding.Sharding):
+  """Shapes/dtypes (with `sharding_of`) of the state a run with `config`
+  checkpoints; computed without running the networks."""
+  abstract = jax.eval_shape(lambda: create_train_state(
+      config, jax.random.PRNGKey(0)))
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_of),
+      abstract)
+
+
+def read_checkpoint(workdir: str, config, step: Optional[int] = None
+                    ) -> Tuple[TrainState, int]:
+  """(TrainState, step) of checkpoint `step` (default the newest readable),
+  on this process's first device, without writing anything.
+
+  A damaged newest checkpoint is skipped with a warning naming its folder;
+  a damaged `step` is an error naming it and the --step to use instead
+  (see `checkpoints.restore_newest`).
+  """
+  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{workdir} has no {CHECKPOINTS_DIR}/ folder: no '
+                            'training checkpoint to read.')
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(ckpt_dir, options=options) as mngr:
+    check_layout(mngr)
+    abstract = abstract_train_state(
+        config, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    restored, step, _ = checkpoints.restore_newest(
+        mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))), step)
+  return restored['state'], int(step)
+
+
+def load_inference_variables(
+    path: str, step: Optional[int] = None, use_ema: bool = True,
+    config=None) -> Tuple[Any, Dict, Optional[int]]:
+  """(config, {'generator', 'encoder'?}, step) of a workdir or model folder.
+
+  Args:
+    path: a training workdir or a model folder.
+    step: checkpoint step of a workdir (default the latest).
+    use_ema: take the EMA generator parameters when training kept them.
+    config: the run's config (default: the workdir's config.json).
+  """
+  if model_io.is_model_folder(path):
+    if step is not None:
+      raise ValueError(f'{path} is a model folder: it has no steps '
+                       '(--step applies to training workdirs).')
+    model_config, variables = model_io.load_model(path)
+    if 'generator' not in variables:
+      raise ValueError(f'The model folder {path} holds no generator.')
+    keep = ('generator', 'encoder')
+    return model_config, {k: v for k, v in variables.items() if k in keep}, None
+  config = config if config is not None else model_io.load_config(path)
+  state, step = read_checkpoint(path, config, step)
+  return config, inference_variables(state, use_ema), step
+
+
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                          create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
-                                            'checkpoints'), options=options)
+                                            CHECKPOINTS_DIR), options=options)
 
 
 def save_checkpoint(mngr, state: TrainState, config) -> None:
@@ -224,6 +373,7 @@ def restore_checkpoint(mngr, state: TrainState, config,
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       state)
+  check_layout(mngr)
   restored, step, damaged = checkpoints.restore_newest(
       mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract),

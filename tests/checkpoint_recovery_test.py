@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ import pytest
 
 from configs import default
 from spade_jax import checkpoints
-from spade_jax import export
 from spade_jax import model_io
 from spade_jax import sharding
 from spade_jax import train_state
@@ -46,16 +46,17 @@ def _state(config, step):
   """
   key = config.to_json()
   if key not in _SHAPES:
-    tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
     _SHAPES[key] = jax.eval_shape(lambda: train_state.create_train_state(
-        config, jax.random.PRNGKey(0), tx_g, tx_d))
+        config, jax.random.PRNGKey(0)))
   leaves, tree = jax.tree_util.tree_flatten(_SHAPES[key])
   rs = np.random.RandomState(step)
   leaves = [rs.uniform(-1, 1, x.shape).astype(x.dtype)
             if jnp.issubdtype(x.dtype, jnp.floating) else
             rs.randint(0, 1000, x.shape).astype(x.dtype) for x in leaves]
   state = jax.tree_util.tree_unflatten(tree, [jnp.asarray(x) for x in leaves])
-  return state.replace(step=jnp.asarray(step, jnp.int32))
+  step = jnp.asarray(step, jnp.int32)
+  return state.replace(g=state.g.replace(step=step),
+                       d=state.d.replace(step=step))
 
 
 def _assert_state_equal(got, want):
@@ -111,17 +112,17 @@ def test_readers_fall_back_to_the_newest_readable_step(saved, tmp_path,
   _damage(workdir, 4, how)
   bad_folder = os.path.join(workdir, 'checkpoints', '4')
   with caplog.at_level('WARNING'):
-    state, step = export.restore_train_state(workdir, config)
+    state, step = train_state.read_checkpoint(workdir, config)
   assert step == 2
   _assert_state_equal(state, jax.device_get(_state(config, 2)))
   warnings = ' '.join(r.getMessage() for r in caplog.records)
   assert bad_folder in warnings and 'cannot be read' in warnings, warnings
   # The serve/evaluate path, which goes through the same reader.
-  _, variables, step = export.load_inference_variables(workdir)
+  _, variables, step = train_state.load_inference_variables(workdir)
   assert step == 2 and 'generator' in variables
   # Asked for the damaged step: an error naming it and the step to use.
   with pytest.raises(checkpoints.CheckpointError) as info:
-    export.restore_train_state(workdir, config, step=4)
+    train_state.read_checkpoint(workdir, config, step=4)
   message = str(info.value)
   assert bad_folder in message and '--step=2' in message, message
   assert os.path.isdir(bad_folder)  # Readers leave it alone.
@@ -132,7 +133,7 @@ def test_nothing_readable_names_every_folder(saved, tmp_path):
   _damage(workdir, 4, 'empty_metadata')
   _damage(workdir, 2, 'lost_manifest')
   with pytest.raises(checkpoints.CheckpointError) as info:
-    export.restore_train_state(workdir, config)
+    train_state.read_checkpoint(workdir, config)
   message = str(info.value)
   for step in (2, 4):
     assert os.path.join(workdir, 'checkpoints', str(step)) in message
@@ -178,6 +179,40 @@ def test_training_resumes_from_the_newest_good_step_and_sets_the_bad_aside(
   mngr.close()
 
 
+def test_checkpoints_of_the_older_state_layout_are_named(tmp_path):
+  """A checkpoint written when G and D shared one TrainState: training and
+  the readers stop with an error naming its folder and what to do."""
+  config = tiny_config()
+  workdir = str(tmp_path / 'old')
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort())
+  old = {'step': jnp.asarray(3, jnp.int32), 'g_params': {'w': jnp.ones(2)},
+         'g_opt_state': {'count': jnp.zeros((), jnp.int32)},
+         'rng': jax.random.PRNGKey(0)}
+  mngr = train_state.checkpoint_manager(workdir, config)
+  train_state.save_checkpoint(mngr, _OldState(**old), config)
+  folder = os.path.join(workdir, 'checkpoints', '3')
+  for restore in (
+      lambda: train_state.restore_checkpoint(mngr, _state(config, 0), config),
+      lambda: train_state.read_checkpoint(workdir, config)):
+    with pytest.raises(checkpoints.CheckpointError) as info:
+      restore()
+    message = str(info.value)
+    assert folder in message and 'older spade_jax' in message, message
+    assert 'Start afresh' in message, message
+  mngr.close()
+  assert os.path.isdir(folder)  # Left as it was.
+
+
+@flax.struct.dataclass
+class _OldState:
+  step: jax.Array
+  g_params: dict
+  g_opt_state: dict
+  rng: jax.Array
+
+
 def test_damaged_model_folder_and_config_are_named(saved, tmp_path):
   config, workdir = _copy(saved, tmp_path)
   folder = str(tmp_path / 'model')
@@ -193,7 +228,7 @@ def test_damaged_model_folder_and_config_are_named(saved, tmp_path):
     model_io.load_model(folder)
   open(os.path.join(workdir, 'config.json'), 'w').close()
   with pytest.raises(ValueError, match='cannot read .*config.json'):
-    export.workdir_config(workdir)
+    model_io.load_config(workdir)
 
 
 # ---------------------------------------------------------------------------

@@ -65,9 +65,8 @@ def fake_train_state(config, seed=0):
   right shapes (positive variances, unit spectral vectors) serve as well:
   running statistics and spectral vectors then differ from an init's.
   """
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
   abstract = jax.eval_shape(lambda: train_state.create_train_state(
-      config, jax.random.PRNGKey(0), tx_g, tx_d))
+      config, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -90,10 +89,10 @@ def fake_train_state(config, seed=0):
 def make_workdir(workdir, config, seed=0):
   """A checkpointed random TrainState (distinct EMA weights) at step 3."""
   state = fake_train_state(config, seed)
-  if state.ema_params is not None:
+  if state.g.ema_params is not None:
     ema = jax.tree_util.tree_map(lambda p: 0.9 * p,
-                                 state.g_params['generator'])
-    state = state.replace(ema_params=ema)
+                                 state.g.params['generator'])
+    state = state.replace(g=state.g.replace(ema_params=ema))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
@@ -144,7 +143,7 @@ def test_exports_generator_variables_and_config(exported):
                   jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), b)
   # The EMA weights, not the raw ones.
-  raw = state.g_params['generator']['fc']['kernel']
+  raw = state.g.params['generator']['fc']['kernel']
   assert not np.allclose(np.asarray(raw), got['params']['fc']['kernel'])
 
 
@@ -209,7 +208,7 @@ def test_model_folder_source_and_no_ema(exported, tmp_path):
   _, c = model_io.load_model(raw)
   np.testing.assert_array_equal(
       c['generator']['params']['fc']['kernel'],
-      np.asarray(state.g_params['generator']['fc']['kernel']))
+      np.asarray(state.g.params['generator']['fc']['kernel']))
 
 
 def test_bad_step_and_bad_folder(exported, tmp_path):

@@ -137,7 +137,7 @@ def test_eval_and_training_fid_use_the_real_statistics_file(
   config = tiny_config(inception_weights=weights, fid_real_stats=path)
   training = evaluate.TrainingFID(config, 'unused')
   assert training({}) == pytest.approx(want) and calls == [False]
-  monkeypatch.setattr(evaluate.export, 'load_inference_variables',
+  monkeypatch.setattr(evaluate.train_state, 'load_inference_variables',
                       lambda *a, **k: (None, {'generator': {}}, 7))
   monkeypatch.setattr(evaluate.run_config, 'resolve_data_dir',
                       lambda *a: 'unused')

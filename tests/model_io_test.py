@@ -4,6 +4,7 @@
 not at all, replace only a model folder written by spade_jax and only with
 --overwrite, and never the source or a folder holding it.
 """
+import json
 import os
 import pickle
 import subprocess
@@ -212,3 +213,27 @@ def test_refused_pickles_get_our_own_error(tmp_path):
   with pytest.raises(convert.ConversionError, match='refused'):
     convert.convert(str(tmp_path), str(tmp_path / 'opt2.json'), str(out))
   assert not out.exists() and not _hidden_leftovers(tmp_path)
+
+
+def test_one_config_loader_merges_old_saved_configs_over_the_defaults(
+    tmp_path):
+  """A config.json from before newer keys existed (a model folder's or a
+  training workdir's) loads with their defaults, so code reads config.KEY."""
+  saved = default.get_config().to_dict()
+  for newer in ('diffaugment', 'fid_every_steps', 'adam_eps', 'beta1',
+                'num_devices', 'segmenter_single_scale'):
+    del saved[newer]
+  saved['lr'] = 1  # An int saved for a float key.
+  for folder in (tmp_path / 'model', tmp_path / 'workdir'):
+    os.makedirs(folder / model_io.VARIABLES_DIR if 'model' in str(folder)
+                else folder)
+    with open(folder / model_io.CONFIG_FILE, 'w') as f:
+      json.dump(saved, f)
+    config = model_io.load_config(str(folder))
+    assert config.diffaugment == '' and config.fid_every_steps == 0
+    assert config.adam_eps == 1e-8 and config.beta1 is None
+    assert config.num_devices == 0 and not config.segmenter_single_scale
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.ngf == saved['ngf']
+  with pytest.raises(FileNotFoundError, match='neither a training workdir'):
+    model_io.load_config(str(tmp_path / 'nothing'))

@@ -13,13 +13,14 @@ from spade_jax import export
 from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import synthesize
+from spade_jax import train_state
 from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
 
 def save_model(folder, config, seed=0):
   state = fake_train_state(config, seed)
-  model_io.save_model(folder, config, export.inference_variables(state))
+  model_io.save_model(folder, config, train_state.inference_variables(state))
   return folder
 
 

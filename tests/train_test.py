@@ -112,13 +112,18 @@ def _run(cmd, env, timeout=600):
 
 def _final_state(workdir, config):
   """The state in the latest checkpoint of `workdir`, as numpy."""
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
   mngr = train_state.checkpoint_manager(str(workdir), config)
   step = mngr.latest_step()
   state = train_state.restore_checkpoint(mngr, state, config)
   mngr.close()
   return step, jax.tree_util.tree_map(np.asarray, state)
+
+
+def _groups(state):
+  """The state's params and batch_stats of G (+E) and D, by name."""
+  return {'g_params': state.g.params, 'g_stats': state.g.batch_stats,
+          'd_params': state.d.params, 'd_stats': state.d.batch_stats}
 
 
 def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
@@ -249,18 +254,15 @@ def _run_steps(config, num_steps, batches=None, sgd_lr=None, perturb=None):
   array, applied to the images of every batch), also the initial state:
   (init, state, history).
   """
-  tx_g, tx_d, sched_g, sched_d = train_state.make_optimizers(config, 100)
-  if sgd_lr:
-    tx_g = tx_d = optax.sgd(sgd_lr)
-  state = train_state.create_train_state(config, jax.random.PRNGKey(config.seed),
-                                   tx_g, tx_d)
+  state = train_state.create_train_state(
+      config, jax.random.PRNGKey(config.seed), 100,
+      tx=(optax.sgd(sgd_lr),) * 2 if sgd_lr else None)
   if perturb:
     init = jax.device_get(state)
   mesh = sharding.make_mesh(config)
   state = jax.device_put(state, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
-  step_fn = train.compile_train_step(config, mesh, tx_g, tx_d, sched_g,
-                                     sched_d)
+  step_fn = train.compile_train_step(config, mesh)
   history = []
   for i in range(num_steps):
     batch = batches[i] if batches else _random_batch(config, i)
@@ -280,11 +282,11 @@ def float32_two_steps():
 
 def test_train_step_updates_both_networks_and_stats(float32_two_steps):
   config = tiny_config()
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 100)
   init = jax.device_get(train_state.create_train_state(
-      config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
+      config, jax.random.PRNGKey(config.seed), 100))
   state, history = float32_two_steps
   assert int(state.step) == 2
+  assert int(state.g.step) == int(state.d.step) == 2
   for key in ('G_GAN', 'G_GAN_Feat', 'D_Fake', 'D_real', 'G_total',
               'D_total', 'lr_G', 'lr_D'):
     assert np.isfinite(history[-1][key]), key
@@ -293,15 +295,15 @@ def test_train_step_updates_both_networks_and_stats(float32_two_steps):
   changed = lambda a, b: any(
       not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                 jax.tree_util.tree_leaves(b)))
-  assert changed(init.g_params, state.g_params)
-  assert changed(init.d_params, state.d_params)
+  assert changed(init.g.params, state.g.params)
+  assert changed(init.d.params, state.d.params)
   # BatchNorm running statistics of the SPADE layers and the spectral-norm
   # vectors moved.
-  g_stats = state.g_stats['generator']
+  g_stats = state.g.batch_stats['generator']
   bn = g_stats['head_0']['norm_0']['param_free_norm']['bn']
   assert not np.allclose(bn['mean'], 0.0)
-  assert changed(init.g_stats, state.g_stats)
-  assert changed(init.d_stats, state.d_stats)
+  assert changed(init.g.batch_stats, state.g.batch_stats)
+  assert changed(init.d.batch_stats, state.d.batch_stats)
 
 
 def test_vae_and_ema_train_step():
@@ -310,23 +312,21 @@ def test_vae_and_ema_train_step():
   config = tiny_config(use_vae=True, ema_decay=0.9, z_dim=8)
   state, history = _run_steps(config, 1)
   assert np.isfinite(history[0]['KLD']) and history[0]['KLD'] > 0
-  assert 'encoder' in state.g_params
+  assert 'encoder' in state.g.params
   # EMA after one step: 0.9 * init + 0.1 * updated.
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 100)
   init = jax.device_get(train_state.create_train_state(
-      config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
+      config, jax.random.PRNGKey(config.seed), 100))
   want = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 0.1 * b,
-                                init.g_params['generator'],
-                                state.g_params['generator'])
-  _assert_trees_equal(state.ema_params, want, rtol=1e-5, atol=1e-7)
+                                init.g.params['generator'],
+                                state.g.params['generator'])
+  _assert_trees_equal(state.g.ema_params, want, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(
     float32_two_steps):
   config = tiny_config(compute_dtype='bfloat16')
   state, history = _run_steps(config, 1)
-  for leaf in jax.tree_util.tree_leaves((state.g_params, state.d_params,
-                                         state.g_stats, state.d_stats)):
+  for leaf in jax.tree_util.tree_leaves(_groups(state)):
     assert leaf.dtype == np.float32
   assert np.isfinite(history[0]['G_total']) and np.isfinite(
       history[0]['D_total'])
@@ -415,10 +415,10 @@ def _sharding_worker(out_path, variants):
     init, state, history = _run_steps(config, 2, batches, sgd_lr=0.01,
                                       perturb=perturb)
     layers.BatchNorm = _SYNCED_BATCH_NORM
-    for field in ('g_params', 'g_stats', 'd_params', 'd_stats'):
-      for net, tree in getattr(state, field).items():
+    for field, trees in _groups(state).items():
+      for net, tree in trees.items():
         before = [np.ravel(x) for x in jax.tree_util.tree_leaves(
-            getattr(init, field)[net])]
+            _groups(init)[field][net])]
         after = [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]
         if after:
           arrays[f'{variant}/{field}/{net}'] = np.concatenate(after) - (
@@ -677,9 +677,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
     assert abs(two_losses[key] - value) <= tol, (key, value, two_losses[key],
                                                  tol)
 
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
   init = jax.device_get(train_state.create_train_state(
-      config, jax.random.PRNGKey(config.seed), tx_g, tx_d))
+      config, jax.random.PRNGKey(config.seed)))
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]).astype(
           np.float64)
@@ -687,8 +686,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
   for run in ('one', 'single', 'two'):
     step, state = _final_state(tmp_path / run, config)
     assert step == 2, run
-    changed[run] = {f: flat(getattr(state, f)) - flat(getattr(init, f))
-                    for f in ('g_params', 'd_params', 'g_stats', 'd_stats')}
+    changed[run] = {f: flat(tree) - flat(_groups(init)[f])
+                    for f, tree in _groups(state).items()}
   for field, a in changed['one'].items():
     assert np.linalg.norm(a) > 0, field
     noise = _relative_change(a, changed['single'][field])
@@ -714,30 +713,28 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path, straight_run,
   config = tiny_config(data_dir=data_dir)
   step, state = _final_state(workdir, config)
   assert step == 8
-  for leaf in jax.tree_util.tree_leaves((state.g_params, state.d_params)):
+  for leaf in jax.tree_util.tree_leaves((state.g.params, state.d.params)):
     assert np.all(np.isfinite(leaf))
 
 
 def test_init_from_a_model_folder(tmp_path, data_dir):
   from spade_jax import model_io  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir=data_dir, num_train_steps=0)
-  tx_g, tx_d, _, _ = train_state.make_optimizers(config, 1)
   source = jax.device_get(train_state.create_train_state(
-      config, jax.random.PRNGKey(123), tx_g, tx_d))
+      config, jax.random.PRNGKey(123)))
   folder = str(tmp_path / 'model')
   model_io.save_model(folder, config, {
-      'generator': {'params': source.g_params['generator'],
-                    'batch_stats': source.g_stats['generator']},
-      'discriminator': {'params': source.d_params,
-                        'batch_stats': source.d_stats}})
-  fresh = train_state.create_train_state(config, jax.random.PRNGKey(0), tx_g, tx_d)
-  started = train_state.apply_init_from(fresh, _with_init(config, folder), tx_g,
-                                  tx_d)
-  _assert_trees_equal(jax.device_get(started.g_params), source.g_params)
-  _assert_trees_equal(jax.device_get(started.d_params), source.d_params)
+      'generator': {'params': source.g.params['generator'],
+                    'batch_stats': source.g.batch_stats['generator']},
+      'discriminator': {'params': source.d.params,
+                        'batch_stats': source.d.batch_stats}})
+  fresh = train_state.create_train_state(config, jax.random.PRNGKey(0))
+  started = train_state.apply_init_from(fresh, _with_init(config, folder))
+  _assert_trees_equal(jax.device_get(started.g.params), source.g.params)
+  _assert_trees_equal(jax.device_get(started.d.params), source.d.params)
   other = _with_init(tiny_config(ngf=16), folder)
   with pytest.raises(ValueError, match='ngf=8 there vs 16 here'):
-    train_state.apply_init_from(fresh, other, tx_g, tx_d)
+    train_state.apply_init_from(fresh, other)
 
 
 def _with_init(config, folder):
