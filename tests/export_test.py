@@ -18,7 +18,7 @@ import pytest
 
 from configs import default as default_config
 from spade_jax import export
-from spade_jax import layers
+from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import train
@@ -128,9 +128,8 @@ def expected(exported):
   """The training-side eval generator's output on `sample_inputs`."""
   config, state, _, _ = exported
   label, instance = sample_inputs(config)
-  edges = np.asarray(layers.instance_edges(jnp.asarray(instance)))
   return np.asarray(train.make_generate_fn(config)(
-      train_state.generator_variables(state), label, edges))
+      train_state.generator_variables(state), label, instance))
 
 
 def test_exports_generator_variables_and_config(exported):
@@ -191,7 +190,7 @@ def test_other_label_size_resized_like_pipeline(exported, expected):
   big = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
   np.testing.assert_allclose(np.asarray(fn(big(label), big(instance))),
                              expected, atol=TOL)
-  np.testing.assert_array_equal(export.pil_nearest_indices(64, 32),
+  np.testing.assert_array_equal(label_maps.pil_nearest_indices(64, 32),
                                 np.arange(32) * 2 + 1)
 
 

@@ -60,9 +60,7 @@ def inputs(model):
 
 
 def pil_nearest(x, h, w):
-  rows = export.pil_nearest_indices(x.shape[0], h)
-  cols = export.pil_nearest_indices(x.shape[1], w)
-  return x[rows][:, cols]
+  return label_maps.resize_nearest(x, (h, w))
 
 
 def test_cli_writes_pngs_and_page_and_reports_bad_files(model, inputs,
