@@ -279,7 +279,7 @@ def input_signature(config, batch_size: int, height: int, width: int
   return inputs
 
 
-def make_inference_fn(config, g_vars, height: int, width: int):
+def make_inference_fn(config, g_vars):
   """f(label, [instance], [z]) -> images, with the variables baked in.
 
   The eval-mode generator (`generation.make_generate_fn`) after the raw
@@ -287,22 +287,18 @@ def make_inference_fn(config, g_vars, height: int, width: int):
   size like the data pipeline resizes them (PIL nearest).
   """
   generate_fn = generation.make_generate_fn(config)
-  out_h, out_w = models.output_size(config)
+  size = models.output_size(config)
   g_vars = jax.tree_util.tree_map(jnp.asarray, g_vars)
-  rows = label_maps.pil_nearest_indices(height, out_h)
-  cols = label_maps.pil_nearest_indices(width, out_w)
-  resize = (height, width) != (out_h, out_w)
   use_vae = config.use_vae and config.netG == 'spade'
 
   def fn(*args):
     args = list(args)
-    label = label_maps.dont_care_to_class(
+    label = label_maps.resize_nearest(label_maps.dont_care_to_class(
         args.pop(0), label_nc=config.label_nc,
-        contain_dontcare_label=config.contain_dontcare_label, xp=jnp)
-    instance = None if config.no_instance else args.pop(0)
-    if resize:
-      label = label[:, rows][:, :, cols]
-      instance = None if instance is None else instance[:, rows][:, :, cols]
+        contain_dontcare_label=config.contain_dontcare_label, xp=jnp), size)
+    instance = None
+    if not config.no_instance:
+      instance = label_maps.resize_nearest(args.pop(0), size)
     z = args.pop(0) if use_vae else None
     return generate_fn(g_vars, label, instance, z)
   return fn
@@ -320,7 +316,7 @@ def export_generator(config, g_vars, batch_size: int = 1,
   """
   height, width = size or models.output_size(config)
   inputs = input_signature(config, batch_size, height, width)
-  fn = make_inference_fn(config, g_vars, height, width)
+  fn = make_inference_fn(config, g_vars)
   specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
            for _, shape, dtype in inputs]
   with jax.default_matmul_precision(precision):

@@ -296,6 +296,7 @@ def resize_nearest(ids: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """Resizes (H, W) or (N, H, W) maps to `size` (H', W') like PIL NEAREST.
 
   How the data pipeline resizes label and instance maps; no interpolation.
+  Plain indexing, so a jax array (the exported module's input) works too.
   """
   h, w = size
   if ids.shape[-2:] == (h, w):

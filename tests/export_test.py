@@ -182,10 +182,9 @@ def test_signature_file(exported):
 
 def test_other_label_size_resized_like_pipeline(exported, expected):
   config, state, _, _ = exported
-  # A module for 2x larger maps: labels are resized (PIL nearest) inside.
-  h, w = models.output_size(config)
+  # For 2x larger maps: labels are resized (PIL nearest) inside.
   fn = jax.jit(export.make_inference_fn(
-      config, train_state.generator_variables(state), 2 * h, 2 * w))
+      config, train_state.generator_variables(state)))
   label, instance = sample_inputs(config)
   big = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
   np.testing.assert_allclose(np.asarray(fn(big(label), big(instance))),
