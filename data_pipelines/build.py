@@ -292,7 +292,7 @@ def load_example(example: layouts.Example, layout: layouts.Layout,
   if bad:
     allowed = f'0..{layout.max_raw_label}'
     if layout.allow_dontcare_value:
-      allowed += f' and {layouts.DONTCARE_VALUE} (don\'t care)'
+      allowed += f' and {label_maps.DONT_CARE} (don\'t care)'
     shown = ', '.join(map(str, bad[:20])) + (' ...' if len(bad) > 20 else '')
     raise BuildError(
         f'{example.label_path}: class ids {shown} are outside the range of '

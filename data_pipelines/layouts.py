@@ -35,7 +35,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff')
 # Label and instance maps must be lossless; non-PNG ones are re-encoded.
 MAP_EXTENSIONS = ('.png', '.bmp', '.gif', '.tif', '.tiff')
-DONTCARE_VALUE = label_maps.DONT_CARE
 # Unpaired examples named in a PairingError.
 _MAX_LISTED = 50
 
@@ -69,7 +68,7 @@ class Layout:
     """Returns the values among `values` that are not valid raw labels."""
     return [int(v) for v in values
             if not (0 <= v <= self.max_raw_label or
-                    (self.allow_dontcare_value and v == DONTCARE_VALUE))]
+                    (self.allow_dontcare_value and v == label_maps.DONT_CARE))]
 
 
 def _layout(name, label_nc, dontcare, instance, splits, max_raw=None,
@@ -101,9 +100,9 @@ def custom_layout(label_nc: int, contain_dontcare_label: bool,
   if label_nc is None or label_nc <= 0:
     raise ValueError(f'custom data sets need a positive --label_nc, got '
                      f'{label_nc!r}.')
-  if label_nc > DONTCARE_VALUE and contain_dontcare_label:
+  if label_nc > label_maps.DONT_CARE and contain_dontcare_label:
     raise ValueError(f'label_nc {label_nc} collides with the don\'t-care '
-                     f'value {DONTCARE_VALUE}.')
+                     f'value {label_maps.DONT_CARE}.')
   return _layout('custom', label_nc, contain_dontcare_label, has_instance,
                  (split,))
 

@@ -8,9 +8,11 @@ Examples are preprocessed as for evaluation (no random crop or flip). For each
 example i it writes `{i:03d}_{file_name}_image.png`, `..._label.png` (class
 colours from dataset_info.json, or a fixed palette) and `..._edges.png`, and
 one `examples.npz` holding the arrays the model receives: `image` float32
-(N, H, W, 3) in [-1, 1], `label` int32 (N, H, W), `instance_edges` float32
-(N, H, W) and `file_name` (N,) str. When the examples differ in size (modes
-without a crop) each array is stored per example instead, as `image_0`, ...
+(N, H, W, 3) in [-1, 1], `label` int32 (N, H, W), `instance` int32
+(N, H, W), `instance_edges` float32 (N, H, W) (the generator computes them
+from the instance ids) and
+`file_name` (N,) str. When the examples differ in size (modes without a crop)
+each array is stored per example instead, as `image_0`, ...
 
 The config is configs/default.py with label_nc, contain_dontcare_label and
 no_instance taken from the data set's dataset_info.json, then the flags.
@@ -28,6 +30,7 @@ from PIL import Image
 from configs import default as default_config
 from data_pipelines import records
 from spade_jax import input_pipeline
+from spade_jax import layers
 from spade_jax import visualize
 
 FLAGS = flags.FLAGS
@@ -91,7 +94,9 @@ def collect_examples(config: ml_collections.ConfigDict, data_dir: str,
     examples.append({
         'image': batch['image'][0],
         'label': batch['label'][0],
-        'instance_edges': batch['instance_edges'][0],
+        'instance': batch['instance'][0],
+        'instance_edges': np.asarray(
+            layers.instance_edges(batch['instance']))[0],
         'file_name': batch['file_name'][0].decode('utf-8'),
     })
   return examples
@@ -100,7 +105,7 @@ def collect_examples(config: ml_collections.ConfigDict, data_dir: str,
 def _stack(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
   """Arrays for examples.npz: stacked when shapes agree, else per example."""
   arrays = {'file_name': np.array([e['file_name'] for e in examples])}
-  for key in ('image', 'label', 'instance_edges'):
+  for key in ('image', 'label', 'instance', 'instance_edges'):
     shapes = {e[key].shape for e in examples}
     if len(shapes) == 1:
       arrays[key] = np.stack([e[key] for e in examples])

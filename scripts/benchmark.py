@@ -61,6 +61,7 @@ if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import records
+from spade_jax import generation
 from spade_jax import input_pipeline
 from spade_jax import layers
 from spade_jax import models
@@ -213,17 +214,17 @@ def with_compute_figures(record: Dict[str, Any],
 # Inputs.
 # ---------------------------------------------------------------------------
 def random_batch(config, batch_size: int, seed: int = 0) -> Dict[str, Any]:
-  """Random numpy inputs of the config's shape: blocky labels, edges, image."""
+  """Random numpy inputs of the config's shape: blocky labels, instances,
+  image."""
   rng = np.random.default_rng(seed)
   h, w = models.output_size(config)
   coarse = (batch_size, -(-h // 8), -(-w // 8))
   label = rng.integers(0, models.num_classes(config), coarse)
   label = label.repeat(8, 1).repeat(8, 2)[:, :h, :w].astype(np.int32)
   instance = (rng.integers(0, 4, coarse).repeat(8, 1).repeat(8, 2)[:, :h, :w]
-              + 4 * label)
-  edges = np.asarray(layers.instance_edges(instance), np.float32)
+              + 4 * label).astype(np.int32)
   image = rng.uniform(-1, 1, (batch_size, h, w, 3)).astype(np.float32)
-  return {'label': label, 'instance_edges': edges, 'image': image}
+  return {'label': label, 'instance': instance, 'image': image}
 
 
 def local_batch(config, options: Options) -> Dict[str, Any]:
@@ -270,7 +271,7 @@ def label_statistics(config, batch: Dict[str, Any],
   """
   seg = layers.LabelMap(
       jnp.asarray(batch['label']),
-      None if config.no_instance else jnp.asarray(batch['instance_edges']),
+      generation.instance_edges(config, jnp.asarray(batch['instance'])),
       models.num_classes(config))
   kernel_size = (layers.parse_spade_norm(config.norm_G)[1]
                  if config.netG == 'spade' else 3)
@@ -363,7 +364,7 @@ def prepare_generate(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh(config)
   host_batch = local_batch(config, options)
   batch = sharding.global_batch(host_batch, mesh)
-  label, edges = batch['label'], batch['instance_edges']
+  label, instance = batch['label'], batch['instance']
   h, w = models.output_size(config)
   init_shape = (1, h, w)
   start = time.perf_counter()
@@ -374,12 +375,14 @@ def prepare_generate(config: ml_collections.ConfigDict,
   g_vars = jax.device_put(g_vars, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
   init_s = time.perf_counter() - start
-  info = compile_timed(train.make_generate_fn(config), g_vars, label, edges)
+  info = compile_timed(train.make_generate_fn(config), g_vars, label,
+                       instance)
   compiled = info.pop('compiled')
   info['flops_per_step_sparse_branch'] = sparse_branch_flops(
-      config, lambda c: train.make_generate_fn(c).lower(g_vars, label, edges))
+      config,
+      lambda c: train.make_generate_fn(c).lower(g_vars, label, instance))
   return Prepared(lambda: jax.block_until_ready(compiled(g_vars, label,
-                                                         edges)),
+                                                         instance)),
                   config.batch_size, info,
                   {'init_s': init_s, **label_statistics(config, host_batch)})
 

@@ -52,10 +52,10 @@ import numpy as np
 from PIL import Image
 
 from spade_jax import fid
+from spade_jax import generation
 from spade_jax import inception
 from spade_jax import input_pipeline
 from spade_jax import model_io
-from spade_jax import models
 from spade_jax import run_config
 from spade_jax import segmentation_metrics
 from spade_jax import segmenters
@@ -111,17 +111,15 @@ def check_same_architecture(config, workdir: str) -> None:
 
 
 def make_generate_fn(config):
-  """jit(eval-mode generator); VAE models draw z ~ N(0, 1) from `rng`."""
-  gen = models.make_generator(config)
-  use_vae = config.use_vae and config.netG == 'spade'
+  """jit(eval-mode generator)(g_vars, label, instance, rng); VAE models draw
+  z ~ N(0, 1) from `rng`."""
+  generate = generation.make_generate_fn(config)
 
   @jax.jit
-  def generate(g_vars, label, edges, rng):
-    z = (jax.random.normal(rng, (label.shape[0], config.z_dim)) if use_vae
-         else None)
-    return gen.apply(g_vars, label, None if config.no_instance else edges,
-                     z=z, train=False)
-  return generate
+  def generate_sampled(g_vars, label, instance, rng):
+    return generate(g_vars, label, instance,
+                    generation.prior_z(config, label.shape[0], rng))
+  return generate_sampled
 
 
 def real_statistics_file(config) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -156,8 +154,7 @@ def fid_statistics(config, g_vars, data_dir: str,
       keep &= np.cumsum(keep) <= num_images - fake_stats.count
     if not keep.any():
       break
-    fake = np.asarray(generate(g_vars, batch['label'],
-                               batch['instance_edges'],
+    fake = np.asarray(generate(g_vars, batch['label'], batch['instance'],
                                jax.random.fold_in(rng, i)))
     fake_uint8 = visualize.image_to_uint8(fake[keep])
     fake_stats.add(extractor(fake_uint8))

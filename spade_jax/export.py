@@ -53,29 +53,20 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from spade_jax import layers
+from spade_jax import generation
+from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import train_state
 
 EXPORT_FILE = model_io.EXPORT_FILE
 SIGNATURE_FILE = model_io.SIGNATURE_FILE
-DONTCARE_VALUE = 255
 
 
 # ---------------------------------------------------------------------------
 # The jax.export module.
 # ---------------------------------------------------------------------------
-def pil_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """PIL NEAREST source indices, as the data pipeline resizes label maps."""
-  step = in_size / out_size
-  steps = np.full(out_size, step, np.float64)
-  steps[0] = step * 0.5
-  return np.minimum(np.cumsum(steps).astype(np.int64), in_size - 1)
-
-
 def input_signature(config, batch_size: int, height: int, width: int
                     ) -> Sequence[Tuple[str, Tuple[int, ...], str]]:
   """(name, shape, dtype) of the exported module's inputs, in call order."""
@@ -87,31 +78,28 @@ def input_signature(config, batch_size: int, height: int, width: int
   return inputs
 
 
-def make_inference_fn(config, g_vars, height: int, width: int):
-  """f(label, [instance], [z]) -> images, with the variables baked in."""
-  gen = models.make_generator(config)
-  out_h, out_w = models.output_size(config)
+def make_inference_fn(config, g_vars):
+  """f(label, [instance], [z]) -> images, with the variables baked in.
+
+  The eval-mode generator (`generation.make_generate_fn`) after the raw
+  don't-care value becomes its class and the maps are resized to the model's
+  size like the data pipeline resizes them (PIL nearest).
+  """
+  generate_fn = generation.make_generate_fn(config)
+  size = models.output_size(config)
   g_vars = jax.tree_util.tree_map(jnp.asarray, g_vars)
-  rows = pil_nearest_indices(height, out_h)
-  cols = pil_nearest_indices(width, out_w)
-  resize = (height, width) != (out_h, out_w)
   use_vae = config.use_vae and config.netG == 'spade'
 
   def fn(*args):
     args = list(args)
-    label = args.pop(0)
-    if config.contain_dontcare_label:
-      label = jnp.where(label == DONTCARE_VALUE, config.label_nc, label)
-    if resize:
-      label = label[:, rows][:, :, cols]
-    edges = None
+    label = label_maps.resize_nearest(label_maps.dont_care_to_class(
+        args.pop(0), label_nc=config.label_nc,
+        contain_dontcare_label=config.contain_dontcare_label, xp=jnp), size)
+    instance = None
     if not config.no_instance:
-      instance = args.pop(0)
-      if resize:
-        instance = instance[:, rows][:, :, cols]
-      edges = layers.instance_edges(instance)
+      instance = label_maps.resize_nearest(args.pop(0), size)
     z = args.pop(0) if use_vae else None
-    return gen.apply(g_vars, label, edges, z=z, train=False)
+    return generate_fn(g_vars, label, instance, z)
   return fn
 
 
@@ -127,7 +115,7 @@ def export_generator(config, g_vars, batch_size: int = 1,
   """
   height, width = size or models.output_size(config)
   inputs = input_signature(config, batch_size, height, width)
-  fn = make_inference_fn(config, g_vars, height, width)
+  fn = make_inference_fn(config, g_vars)
   specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
            for _, shape, dtype in inputs]
   with jax.default_matmul_precision(precision):
@@ -142,7 +130,7 @@ def export_generator(config, g_vars, batch_size: int = 1,
       'matmul_precision': precision,
       'label_nc': int(config.label_nc),
       'contain_dontcare_label': bool(config.contain_dontcare_label),
-      'dontcare_value': DONTCARE_VALUE,
+      'dontcare_value': label_maps.DONT_CARE,
   }
   return bytes(exported.serialize()), signature
 

@@ -8,8 +8,10 @@ Every batch is a dict of numpy-convertible tensors:
 
   image           float32 (B, H, W, 3) in [-1, 1]
   label           int32   (B, H, W)    model class ids (don't-care = label_nc)
-  instance_edges  float32 (B, H, W)    1.0 on instance boundaries (zeros when
-                                       config.no_instance)
+  instance        int32   (B, H, W)    instance ids (zeros when
+                                       config.no_instance); the generator
+                                       takes their edges, computed on the
+                                       device (`generation.instance_edges`)
 and, with `with_metadata` (the default for evaluation):
   file_name       bytes   (B,)         the example's base name
   index           int64   (B,)         its position in the global order
@@ -65,13 +67,13 @@ import ml_collections
 import tensorflow as tf
 
 from data_pipelines import records
+from spade_jax import label_maps
 
 PREPROCESS_MODES = ('resize_and_crop', 'crop', 'scale_width',
                     'scale_width_and_crop', 'scale_shortside',
                     'scale_shortside_and_crop', 'fixed', 'none')
 _CROP_MODES = ('resize_and_crop', 'crop', 'scale_width_and_crop',
                'scale_shortside_and_crop')
-_DONTCARE_VALUE = 255
 # The dataset functions below use no Python control flow on tensors; skipping
 # AutoGraph's source conversion makes building a pipeline several times faster.
 _no_autograph = tf.autograph.experimental.do_not_convert
@@ -200,27 +202,14 @@ def decode_map_png(data: tf.Tensor) -> tf.Tensor:
 
 def map_labels(raw: tf.Tensor, *, dataset: str, label_nc: int,
                contain_dontcare_label: bool) -> tf.Tensor:
-  """Maps raw label values to model class ids (reference conventions).
+  """Raw label values -> int32 model class ids, in the graph.
 
-  ade20k: value - 1, with 0 ("other") becoming label_nc. With
-  contain_dontcare_label, the raw value 255 becomes label_nc.
-
-  Args:
-    raw: integer label map as stored.
-    dataset: the data set name (DatasetInfo.dataset).
-    label_nc: number of classes.
-    contain_dontcare_label: whether 255 means don't-care.
-
-  Returns:
-    int32 class ids, same shape.
+  `label_maps.dataset_to_class_ids` (ADE20K shift, don't-care) run on
+  tensors.
   """
-  raw = tf.cast(raw, tf.int32)
-  label = raw
-  if dataset == 'ade20k':
-    label = tf.where(raw == 0, label_nc, raw - 1)
-  if contain_dontcare_label:
-    label = tf.where(raw == _DONTCARE_VALUE, label_nc, label)
-  return label
+  return label_maps.dataset_to_class_ids(
+      tf.cast(raw, tf.int32), dataset=dataset, label_nc=label_nc,
+      contain_dontcare_label=contain_dontcare_label, xp=tf)
 
 
 # ---------------------------------------------------------------------------
@@ -280,11 +269,7 @@ def resize_bicubic(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 
 
 def nearest_indices(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-  """Source indices of PIL NEAREST: floor((dst + 0.5) * in / out).
-
-  Computed as PIL does, by accumulating the float64 step, so that exact ties
-  round as PIL's do.
-  """
+  """`label_maps.pil_nearest_indices` on tensors (sizes known in the graph)."""
   in_size = tf.cast(in_size, tf.int64)
   out_size = tf.cast(out_size, tf.int64)
   step = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
@@ -328,20 +313,6 @@ def crop_or_pad(x: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
                         tf.zeros([tf.rank(x) - 2, 2], tf.int64)], axis=0)
   x = tf.pad(x, paddings)
   return x[top:top + crop_shape[0], left:left + crop_shape[1]]
-
-
-def instance_edges(instance: tf.Tensor) -> tf.Tensor:
-  """1.0 where an id differs from a 4-neighbour (both sides marked), float32."""
-  dx = tf.not_equal(instance[:, 1:], instance[:, :-1])
-  dy = tf.not_equal(instance[1:, :], instance[:-1, :])
-  false_col = tf.zeros_like(dx[:, :1])
-  false_row = tf.zeros_like(dy[:1, :])
-  edge = tf.logical_or(
-      tf.logical_or(tf.concat([dx, false_col], 1),
-                    tf.concat([false_col, dx], 1)),
-      tf.logical_or(tf.concat([dy, false_row], 0),
-                    tf.concat([false_row, dy], 0)))
-  return tf.cast(edge, tf.float32)
 
 
 def transform(image: tf.Tensor, maps: Dict[str, tf.Tensor], pre: Preprocess,
@@ -417,7 +388,7 @@ class _ExampleSpec:
     else:
       text = f'0..{self.label_nc - 1} (label_nc={self.label_nc})'
     if self.contain_dontcare_label:
-      text += f" and {_DONTCARE_VALUE} (don't-care)"
+      text += f" and {label_maps.DONT_CARE} (don't-care)"
     return text
 
 
@@ -459,13 +430,13 @@ def _process(fields: Dict[str, tf.Tensor], spec: _ExampleSpec
                      label_nc=spec.label_nc,
                      contain_dontcare_label=spec.contain_dontcare_label)
   if spec.use_instance:
-    edges = instance_edges(maps['instance'])
+    instance = maps['instance']
   else:
-    edges = tf.zeros(tf.shape(label), tf.float32)
+    instance = tf.zeros(tf.shape(label), tf.int32)
   return {
       'image': normalize_image(image),
       'label': label,
-      'instance_edges': edges,
+      'instance': instance,
       'file_name': fields['file_name'],
       'index': fields['index'],
       'valid': fields['valid'],
@@ -538,7 +509,7 @@ def _placeholder(fields: Dict[str, tf.Tensor], spec: _ExampleSpec,
     return {
         'image': tf.zeros(shape + (3,), tf.float32),
         'label': tf.zeros(shape, tf.int32),
-        'instance_edges': tf.zeros(shape, tf.float32),
+        'instance': tf.zeros(shape, tf.int32),
         'file_name': tf.identity(fields['file_name']),
         'index': tf.identity(fields['index']),
         'valid': tf.identity(fields['valid']),
@@ -770,7 +741,7 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if spec.skip_bad_records:
     ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
-  keep = ['image', 'label', 'instance_edges']
+  keep = ['image', 'label', 'instance']
   if with_metadata if with_metadata is not None else not train:
     keep += list(METADATA_KEYS)
   ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))

@@ -33,6 +33,13 @@ started at 1, so id 0 gets a colour; Cityscapes has its own table). A
 model's palette is `palette_for(num_classes, colors)`: its own colours
 (classes.json / dataset_info.json) then `default_palette` for the rest.
 
+The conventions between raw values and class ids live here too: the
+don't-care value `DONT_CARE`, the data-set mapping `dataset_to_class_ids`
+(and its inverse `class_ids_to_raw`), the range check `class_ids`, and the
+PIL-nearest resize of maps (`pil_nearest_indices`, `resize_nearest`). The
+tf.data pipeline and the exported module run the same functions with their
+own array module (`xp`).
+
 Only numpy and Pillow: the web server and the builder import this module.
 """
 import io
@@ -44,7 +51,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-# The raw label value meaning "don't care" in data sets that have one.
+# The raw label value meaning "don't care" in data sets that have one (the
+# one definition: everything else reads it from here).
 DONT_CARE = 255
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -187,12 +195,74 @@ def colorize(ids: np.ndarray, palette) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # Raw data-set values <-> class ids.
+#
+# `xp` is the array module: numpy by default; `jax.numpy` inside a jitted
+# graph (the exported module) and `tensorflow` inside the tf.data pipeline
+# pass themselves, so the rule is written once (tests check each equal).
 # ---------------------------------------------------------------------------
+def dont_care_to_class(ids, *, label_nc: int, contain_dontcare_label: bool,
+                       xp=np):
+  """Maps the raw don't-care value `DONT_CARE` to class `label_nc`.
+
+  Without a don't-care class the ids pass unchanged.
+  """
+  if not contain_dontcare_label:
+    return ids
+  return xp.where(ids == DONT_CARE, label_nc, ids)
+
+
+def dataset_to_class_ids(raw, *, dataset: str, label_nc: int,
+                         contain_dontcare_label: bool, xp=np):
+  """Raw data-set values -> model class ids (the reference's conventions).
+
+  ade20k: value - 1, with 0 ("other") becoming label_nc. With
+  contain_dontcare_label, the raw value `DONT_CARE` becomes label_nc. Same
+  shape and integer type as `raw`; `class_ids_to_raw` is the inverse.
+  """
+  label = raw
+  if dataset == 'ade20k':
+    label = xp.where(raw == 0, label_nc, raw - 1)
+  if contain_dontcare_label:
+    label = xp.where(raw == DONT_CARE, label_nc, label)
+  return label
+
+
+def class_ids(labels, *, label_nc: int, contain_dontcare_label: bool,
+              what: str = 'labels') -> np.ndarray:
+  """Integer class ids -> checked int32 ids 0..num_classes-1.
+
+  Ids run 0..label_nc-1; with `contain_dontcare_label`, label_nc and
+  `DONT_CARE` both mean don't-care (and become label_nc).
+
+  Raises:
+    LabelMapError: naming the ids outside the range and how many pixels.
+  """
+  label_nc = int(label_nc)
+  # Checked before the cast to int32, which would wrap large ids.
+  labels = dont_care_to_class(np.asarray(labels).astype(np.int64),
+                              label_nc=label_nc,
+                              contain_dontcare_label=contain_dontcare_label)
+  top = label_nc if contain_dontcare_label else label_nc - 1
+  bad = (labels < 0) | (labels > top)
+  if bad.any():
+    values = np.unique(labels[bad])
+    more = f' (and {len(values) - 10} more)' if len(values) > 10 else ''
+    count = int(bad.sum())
+    allowed = f'0..{label_nc - 1}' + (
+        f", or {label_nc} or {DONT_CARE} (don't care)"
+        if contain_dontcare_label else '')
+    raise LabelMapError(
+        f'the {what} hold class ids {values[:10].tolist()}{more} at {count} '
+        f'pixel{"s" if count > 1 else ""}, outside this model\'s range '
+        f'{allowed}.')
+  return labels.astype(np.int32)
+
+
 def class_ids_to_raw(ids: np.ndarray, *, dataset: str, label_nc: int,
                      contain_dontcare_label: bool) -> np.ndarray:
   """Class ids -> the raw values a data set stores (inverse of the reader).
 
-  The reader (`input_pipeline.map_labels`) shifts ADE20K (raw 0 = don't
+  The reader (`dataset_to_class_ids`) shifts ADE20K (raw 0 = don't
   care, raw k = class k-1) and maps raw `DONT_CARE` to class `label_nc`;
   this undoes it, so a colour map decoded to class ids can be stored or fed
   like any raw map. int32, same shape.
@@ -205,6 +275,35 @@ def class_ids_to_raw(ids: np.ndarray, *, dataset: str, label_nc: int,
   else:
     raw = ids
   return raw.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Resizing.
+# ---------------------------------------------------------------------------
+def pil_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of PIL NEAREST: floor((dst + 0.5) * in / out).
+
+  Computed as PIL does, by accumulating the float64 step, so that exact
+  ties round as PIL's do. int64 (out_size,).
+  """
+  step = in_size / out_size
+  steps = np.full(out_size, step, np.float64)
+  steps[0] = step * 0.5
+  return np.minimum(np.cumsum(steps).astype(np.int64), in_size - 1)
+
+
+def resize_nearest(ids: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """Resizes (H, W) or (N, H, W) maps to `size` (H', W') like PIL NEAREST.
+
+  How the data pipeline resizes label and instance maps; no interpolation.
+  Plain indexing, so a jax array (the exported module's input) works too.
+  """
+  h, w = size
+  if ids.shape[-2:] == (h, w):
+    return ids
+  rows = pil_nearest_indices(ids.shape[-2], h)
+  cols = pil_nearest_indices(ids.shape[-1], w)
+  return ids[..., rows, :][..., cols]
 
 
 # ---------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def conv_impl(config) -> str:
   than XLA's, docs/performance.md) computed the same function: a config
   saved with it reads as 'auto', with a warning.
   """
-  impl = config.get('conv_impl', 'auto')
+  impl = config.conv_impl
   if impl == 'patches':
     logging.warning("conv_impl='patches' was removed (measured slower than "
                     "XLA's convolution); using 'auto', the same function.")

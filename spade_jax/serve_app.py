@@ -27,7 +27,6 @@ import PIL
 from PIL import Image
 
 from data_pipelines import scenes
-from spade_jax import export
 from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
@@ -37,7 +36,6 @@ from spade_jax import visualize
 from spade_jax.synthesizer import Synthesizer
 
 PAGE_FILE = 'serve_page.html'
-DONTCARE_VALUE = label_maps.DONT_CARE
 # Uploads whose header gives more pixels than this are refused before they
 # are decoded (decompression bombs: a small PNG can hold a huge image).
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -87,7 +85,7 @@ class Model:
     label_nc = int(config.label_nc)
     dontcare = None
     if config.contain_dontcare_label:
-      dontcare = {'id': label_nc, 'value': DONTCARE_VALUE,
+      dontcare = {'id': label_nc, 'value': label_maps.DONT_CARE,
                   'name': self.names[label_nc],
                   'color': self.colors[label_nc]}
     h, w = self.synth.image_size
@@ -102,7 +100,7 @@ class Model:
         'has_encoder': self.synth.has_encoder,
         'no_instance': bool(config.no_instance),
         'dontcare': dontcare,
-        'eraser_id': DONTCARE_VALUE if dontcare else 0,
+        'eraser_id': label_maps.DONT_CARE if dontcare else 0,
         'has_samples': config.dataset == 'synthetic',
         'dataset': config.dataset,
         'netG': config.netG,
@@ -215,24 +213,12 @@ def decode_map(data: bytes, what: str,
     raise RequestError(400, str(e)) from None
 
 
-def resize_nearest(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-  """PIL NEAREST resize of a map, as the data pipeline resizes label maps."""
-  h, w = size
-  if x.shape[:2] == (h, w):
-    return x
-  rows = export.pil_nearest_indices(x.shape[0], h)
-  cols = export.pil_nearest_indices(x.shape[1], w)
-  return x[rows][:, cols]
-
-
 def map_dataset_ids(raw: np.ndarray, config) -> np.ndarray:
-  """Raw data-set ids -> class ids (input_pipeline.map_labels, in numpy)."""
-  label = raw
-  if config.dataset == 'ade20k':
-    label = np.where(raw == 0, config.label_nc, raw - 1)
-  if config.contain_dontcare_label:
-    label = np.where(raw == DONTCARE_VALUE, config.label_nc, label)
-  return label
+  """Raw data-set ids -> class ids (`label_maps.dataset_to_class_ids`)."""
+  return label_maps.dataset_to_class_ids(
+      raw, dataset=config.dataset,
+      label_nc=int(config.label_nc),
+      contain_dontcare_label=bool(config.contain_dontcare_label))
 
 
 def check_class_ids(label: np.ndarray, config, what: str) -> np.ndarray:
@@ -264,7 +250,7 @@ def read_label(fields: Dict[str, bytes], model: Model,
   if ids == 'dataset' and not by_palette:  # Colours give class ids.
     raw = map_dataset_ids(raw, model.config)
   label = check_class_ids(raw, model.config, 'label map')
-  return LabelInput(resize_nearest(label, model.synth.image_size),
+  return LabelInput(label_maps.resize_nearest(label, model.synth.image_size),
                     tuple(raw.shape))
 
 
@@ -317,8 +303,8 @@ def make_job(fields: Dict[str, bytes], model: Model,
           f'{label_in.original_size[0]}.')
     if instance.min() < 0 or instance.max() > np.iinfo(np.int32).max:
       raise RequestError(400, 'the instance map holds ids outside int32.')
-    job.instance = resize_nearest(instance, model.synth.image_size).astype(
-        np.int32)
+    job.instance = label_maps.resize_nearest(
+        instance, model.synth.image_size).astype(np.int32)
   elif not config.no_instance:
     job.instance = job.label  # As spade_jax.synthesize does.
   if use_vae:
@@ -344,7 +330,8 @@ def sample_label(model: Model, seed: int) -> np.ndarray:
   size = int(model.config.synthetic_size)
   _, label, _ = scenes.generate_scene(
       scenes.scene_rng(seed, 'serve', 0), size)
-  return resize_nearest(label.astype(np.int32), model.synth.image_size)
+  return label_maps.resize_nearest(label.astype(np.int32),
+                                  model.synth.image_size)
 
 
 # ---------------------------------------------------------------------------
@@ -572,7 +559,7 @@ class App:
       got = read_label(fields, self.model, self.max_pixels)
     label, config = got.label, self.model.config
     if config.contain_dontcare_label:
-      label = np.where(label == config.label_nc, DONTCARE_VALUE, label)
+      label = np.where(label == config.label_nc, label_maps.DONT_CARE, label)
     return ids_answer(label, got.original_size)
 
   def synthesize(self, fields: Dict[str, bytes], deadline: float

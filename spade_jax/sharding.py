@@ -37,6 +37,6 @@ def global_batch(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
   """This process's share of the batch -> global arrays sharded on `data`."""
   sharding = jax.sharding.NamedSharding(mesh,
                                         jax.sharding.PartitionSpec('data'))
-  keys = ('image', 'label', 'instance_edges')
+  keys = ('image', 'label', 'instance')
   return {k: jax.make_array_from_process_local_data(sharding, batch[k])
           for k in keys}

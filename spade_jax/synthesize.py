@@ -191,12 +191,12 @@ def prepare(config, pre: input_pipeline.Preprocess, raw_label: np.ndarray,
   base = image if image is not None else np.zeros((h, w, 3), np.uint8)
   out_image, maps = input_pipeline.transform(
       tf.constant(base), maps, pre, tf.constant([0, 0], tf.int64))
-  label = input_pipeline.map_labels(
-      maps['label'], dataset=config.dataset,
-      label_nc=int(config.label_nc),
+  label = label_maps.dataset_to_class_ids(
+      maps['label'].numpy().astype(np.int32),
+      dataset=config.dataset, label_nc=int(config.label_nc),
       contain_dontcare_label=bool(config.contain_dontcare_label))
   inst = maps['instance'].numpy() if instance is not None else None
-  return (label.numpy().astype(np.int32), inst,
+  return (label, inst,
           out_image.numpy() if image is not None else None)
 
 

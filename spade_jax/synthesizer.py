@@ -11,42 +11,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from spade_jax import generation
 from spade_jax import label_maps
-from spade_jax import layers
 from spade_jax import model_io
 from spade_jax import models
 
-DONTCARE_VALUE = label_maps.DONT_CARE
-
-
 def class_ids(labels: np.ndarray, config: ml_collections.ConfigDict,
               what: str = 'labels') -> np.ndarray:
-  """Integer label values -> int32 class ids; ValueError naming bad ones.
-
-  Ids run 0..label_nc-1; with `contain_dontcare_label`, label_nc and 255 both
-  mean don't-care (and become label_nc).
-  """
-  label_nc = int(config.label_nc)
-  # Checked before the cast to int32, which would wrap large ids.
-  labels = np.asarray(labels).astype(np.int64)
-  if config.contain_dontcare_label:
-    labels = np.where(labels == DONTCARE_VALUE, label_nc, labels)
-    top = label_nc
-  else:
-    top = label_nc - 1
-  bad = (labels < 0) | (labels > top)
-  if bad.any():
-    values = np.unique(labels[bad])
-    more = f' (and {len(values) - 10} more)' if len(values) > 10 else ''
-    count = int(bad.sum())
-    allowed = f'0..{label_nc - 1}' + (
-        f", or {label_nc} or {DONTCARE_VALUE} (don't care)"
-        if config.contain_dontcare_label else '')
-    raise ValueError(
-        f'the {what} hold class ids {values[:10].tolist()}{more} at {count} '
-        f'pixel{"s" if count > 1 else ""}, outside this model\'s range '
-        f'{allowed}.')
-  return labels.astype(np.int32)
+  """`label_maps.class_ids` with the model's label_nc and don't-care class."""
+  return label_maps.class_ids(
+      labels, label_nc=int(config.label_nc),
+      contain_dontcare_label=bool(config.contain_dontcare_label), what=what)
 
 
 class Synthesizer:
@@ -64,13 +39,12 @@ class Synthesizer:
       raise ValueError('The model variables hold no generator.')
     self.config = config
     self.image_size = models.output_size(config)
-    self._generator = models.make_generator(config)
     self._g_vars = variables['generator']
     self._encoder = None
     if config.use_vae and 'encoder' in variables:
       self._encoder = models.make_encoder(config)
       self._e_vars = variables['encoder']
-    self._generate = jax.jit(self._generate_fn,
+    self._generate = jax.jit(generation.make_generate_fn(config),
                              compiler_options=compiler_options)
     self._encode = jax.jit(self._encode_fn, compiler_options=compiler_options)
 
@@ -91,10 +65,6 @@ class Synthesizer:
     return self._encoder is not None
 
   # -------------------------------------------------------------------------
-  def _generate_fn(self, g_vars, label, instance, z):
-    edges = None if instance is None else layers.instance_edges(instance)
-    return self._generator.apply(g_vars, label, edges, z=z, train=False)
-
   def _encode_fn(self, e_vars, image):
     return self._encoder.apply(e_vars, image, train=False)
 

@@ -31,6 +31,7 @@ import optax
 from data_pipelines import records
 from spade_jax import diffaugment
 from spade_jax import evaluate
+from spade_jax import generation
 from spade_jax import input_pipeline
 from spade_jax import losses
 from spade_jax import metrics as metrics_lib
@@ -63,7 +64,7 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array],
   enc = models.make_encoder(config) if config.use_vae else None
   dtype = models.compute_dtype(config)
   label, image = batch['label'], batch['image']
-  edges = None if config.no_instance else batch['instance_edges']
+  edges = generation.instance_edges(config, batch['instance'])
   rng = jax.random.fold_in(state.rng, state.step)
   g_rng, d_rng = jax.random.split(rng)
   # DiffAugment draws: their own stream, so turning it on leaves z alone.
@@ -164,23 +165,16 @@ def compile_train_step(config, mesh):
 # Evaluation-mode generation (samples, colour error).
 # ---------------------------------------------------------------------------
 def make_generate_fn(config):
-  """jit(eval-mode generator), z = 0 (the prior's mean) for VAE models."""
-  gen = models.make_generator(config)
-
-  @jax.jit
-  def generate(g_vars, label, edges):
-    z = (jnp.zeros((label.shape[0], config.z_dim)) if config.use_vae
-         else None)
-    return gen.apply(g_vars, label, None if config.no_instance else edges,
-                     z=z, train=False)
-  return generate
+  """jit(eval-mode generator)(g_vars, label, instance), z = 0 (the prior's
+  mean) for VAE models."""
+  return jax.jit(generation.make_generate_fn(config))
 
 
 def evaluate_color_error(generate, g_vars, eval_batches, num_classes) -> float:
   """Mean per-class colour error of generated vs real images (see metrics)."""
   sums = None
   for batch in eval_batches:
-    fake = np.asarray(generate(g_vars, batch['label'], batch['instance_edges']))
+    fake = np.asarray(generate(g_vars, batch['label'], batch['instance']))
     valid = batch.get('valid', np.ones(len(fake), bool))
     part = metrics_lib.class_color_sums(fake[valid], batch['image'][valid],
                                         batch['label'][valid], num_classes)
@@ -190,7 +184,7 @@ def evaluate_color_error(generate, g_vars, eval_batches, num_classes) -> float:
 
 def sample_grid(config, generate, g_vars, batch, colors) -> np.ndarray:
   """(1, rows*H, 3*W, 3) uint8: colourised label | real | generated."""
-  fake = np.asarray(generate(g_vars, batch['label'], batch['instance_edges']))
+  fake = np.asarray(generate(g_vars, batch['label'], batch['instance']))
   rows = [np.concatenate([visualize.colorize_labels(lab, colors),
                           visualize.image_to_uint8(real),
                           visualize.image_to_uint8(gen)], axis=1)

@@ -27,11 +27,7 @@ def colorize_labels(label: np.ndarray,
   if label.size and label.min() < 0:
     raise ValueError(f'Negative class id {label.min()} in label map.')
   num = max(int(label.max()) + 1 if label.size else 1, 1)
-  palette = default_palette(max(num, 256))
-  if colors is not None:
-    given = np.asarray(colors, np.int64).reshape(-1, 3)
-    palette[:len(given)] = np.clip(given, 0, 255)[:len(palette)]
-  return palette[label]
+  return label_maps.palette_for(max(num, 256), colors)[label]
 
 
 def image_to_uint8(image: np.ndarray) -> np.ndarray:

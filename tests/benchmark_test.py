@@ -202,7 +202,7 @@ def test_label_statistics_of_a_known_map():
   benchmark = load_benchmark()
   config = tiny_model_config(netG='spade', norm_G='spectralspadebatch3x3')
   batch = {'label': np.zeros((2, 32, 32), np.int32),
-           'instance_edges': np.zeros((2, 32, 32), np.float32)}
+           'instance': np.zeros((2, 32, 32), np.int32)}
   stats = benchmark.label_statistics(config, batch)
   assert stats['labels'].startswith('random')
   pixels = stats['boundary_pixel_fraction']
@@ -212,10 +212,12 @@ def test_label_statistics_of_a_known_map():
   tiles = stats['boundary_tile_fraction_8x8']
   assert tiles['32x32'] == pytest.approx(12 / 16)  # The 4 inner tiles are
   assert tiles['8x8'] == 1.0  # uniform; at 8x8 the one tile is not.
-  batch['instance_edges'][:, 16, 16] = 1  # An edge reaches 5x5 pixels.
+  # One pixel of another instance: it and its 4 neighbours are edges, whose
+  # 5x5 neighbourhoods cover 7x5 + 2x5 pixels.
+  batch['instance'][:, 16, 16] = 1
   assert benchmark.label_statistics(config, batch)[
       'boundary_pixel_fraction']['32x32'] == pytest.approx(
-          1 - (28**2 - 25) / 32**2)
+          1 - (28**2 - 45) / 32**2)
 
 
 def test_generate_on_a_data_set_reports_its_labels(tmp_path):

@@ -150,7 +150,7 @@ def test_steps_without_a_file_list_are_checked_by_reading_them(
   os.remove(os.path.join(workdir, 'checkpoints', '4', checkpoints.FILES_LIST))
   _damage(workdir, 4, 'empty_metadata')
   with caplog.at_level('WARNING'):
-    _, step = export.restore_train_state(workdir, config)
+    _, step = train_state.read_checkpoint(workdir, config)
   assert step == 2
   warnings = ' '.join(r.getMessage() for r in caplog.records)
   assert 'JSONDecodeError' in warnings, warnings

@@ -16,7 +16,6 @@ from spade_jax import export
 from spade_jax import fid
 from spade_jax import inception
 from spade_jax import input_pipeline
-from spade_jax import layers
 from spade_jax import run_config
 from spade_jax import segmentation_metrics
 from spade_jax import segmenters
@@ -91,11 +90,11 @@ def test_fid_written_printed_and_right(run, capsys):
   batches = list(input_pipeline.numpy_batches(input_pipeline.create_split(
       config, data_dir, 'val', train=False, process_index=0,
       process_count=1)))
-  label, real, edges = (batches[0][k][:3]
-                        for k in ('label', 'image', 'instance_edges'))
+  label, real, instance = (batches[0][k][:3]
+                           for k in ('label', 'image', 'instance'))
   generate = train.make_generate_fn(config)
   g_vars = train_state.generator_variables(state, use_ema=True)
-  fake = np.asarray(generate(g_vars, label, edges))
+  fake = np.asarray(generate(g_vars, label, instance))
   extractor = fid.FeatureExtractor(inception.load_inception_params(
       config.inception_weights), batch_size=4)
   want = fid.fid_from_features(

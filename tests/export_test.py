@@ -18,7 +18,7 @@ import pytest
 
 from configs import default as default_config
 from spade_jax import export
-from spade_jax import layers
+from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import models
 from spade_jax import train
@@ -127,9 +127,8 @@ def expected(exported):
   """The training-side eval generator's output on `sample_inputs`."""
   config, state, _, _ = exported
   label, instance = sample_inputs(config)
-  edges = np.asarray(layers.instance_edges(jnp.asarray(instance)))
   return np.asarray(train.make_generate_fn(config)(
-      train_state.generator_variables(state), label, edges))
+      train_state.generator_variables(state), label, instance))
 
 
 def test_exports_generator_variables_and_config(exported):
@@ -182,15 +181,14 @@ def test_signature_file(exported):
 
 def test_other_label_size_resized_like_pipeline(exported, expected):
   config, state, _, _ = exported
-  # A module for 2x larger maps: labels are resized (PIL nearest) inside.
-  h, w = models.output_size(config)
+  # For 2x larger maps: labels are resized (PIL nearest) inside.
   fn = jax.jit(export.make_inference_fn(
-      config, train_state.generator_variables(state), 2 * h, 2 * w))
+      config, train_state.generator_variables(state)))
   label, instance = sample_inputs(config)
   big = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
   np.testing.assert_allclose(np.asarray(fn(big(label), big(instance))),
                              expected, atol=TOL)
-  np.testing.assert_array_equal(export.pil_nearest_indices(64, 32),
+  np.testing.assert_array_equal(label_maps.pil_nearest_indices(64, 32),
                                 np.arange(32) * 2 + 1)
 
 

@@ -13,7 +13,6 @@ from fid_test import smooth_images
 from spade_jax import evaluate
 from spade_jax import fid
 from spade_jax import inception
-from spade_jax import train
 from train_test import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,6 @@ ignore padding, a max pool in Mixed_7c; bilinear resize to 299, [0, 1] ->
 [-1, 1], pool features). Its random weights are saved under the published
 file's key names and loaded by `inception.load_inception_params`.
 """
-import os
 import subprocess
 import sys
 

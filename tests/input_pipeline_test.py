@@ -1,10 +1,10 @@
 """Tests of spade_jax.input_pipeline (reading built TFRecords)."""
 import io
 import logging
-import os
 import pathlib
 from typing import Dict, List, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -14,6 +14,8 @@ from configs import default as default_config
 from data_pipelines import build
 from data_pipelines import records
 from spade_jax import input_pipeline
+from spade_jax import label_maps
+from spade_jax import layers
 
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255],
                     [255, 255, 0], [255, 0, 255], [0, 255, 255],
@@ -128,6 +130,11 @@ def numpy_edges(inst: np.ndarray) -> np.ndarray:
   return edge.astype(np.float32)
 
 
+def device_edges(batch) -> np.ndarray:
+  """The edges the generator computes from a batch's instance ids."""
+  return np.asarray(layers.instance_edges(jnp.asarray(batch['instance'])))
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
   return np.round((image + 1.0) * 127.5).astype(np.uint8)
 
@@ -169,13 +176,14 @@ def test_coco_sample_none_mode_is_pixel_exact(coco_sample_dir, tmp_path):
                               f'{name}.jpg').convert('RGB'))
     expected_label = np.where(label_png == 255, 182, label_png)
     np.testing.assert_array_equal(batch['label'][0], expected_label)
-    np.testing.assert_array_equal(batch['instance_edges'][0],
+    np.testing.assert_array_equal(batch['instance'][0], inst_png)
+    np.testing.assert_array_equal(device_edges(batch)[0],
                                   numpy_edges(inst_png))
     expected_image = (rgb.astype(np.float32) / 255.0 - 0.5) / 0.5
     np.testing.assert_allclose(batch['image'][0], expected_image, atol=1e-6)
     assert batch['image'].dtype == np.float32
     assert batch['label'].dtype == np.int32
-    assert batch['instance_edges'].dtype == np.float32
+    assert batch['instance'].dtype == np.int32
   # Don't-care pixels exist in the sample and were mapped.
   assert any((b['label'] == 182).any() for b in batches)
 
@@ -209,6 +217,8 @@ def test_nearest_indices_match_pil(in_size, out_size):
   pil = np.array(Image.fromarray(row).resize((out_size, 1), Image.NEAREST))[0]
   ours = input_pipeline.nearest_indices(in_size, out_size).numpy()
   np.testing.assert_array_equal(ours, pil)
+  np.testing.assert_array_equal(
+      label_maps.pil_nearest_indices(in_size, out_size), pil)
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +248,7 @@ def test_mode_output_shapes(tmp_path, mode, aspect, train, expected):
       process_index=0, process_count=1))
   assert batch['image'].shape == (2,) + expected + (3,)
   assert batch['label'].shape == (2,) + expected
-  assert batch['instance_edges'].shape == (2,) + expected
+  assert batch['instance'].shape == (2,) + expected
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
   # Labels are never interpolated: only the classes of the source appear.
   assert set(np.unique(batch['label'])) <= set(
@@ -295,8 +305,8 @@ def test_random_crop_and_flip_keep_image_label_instance_aligned(
                  if np.array_equal(
                      numpy_edges(src['instance'][m[0]:m[0] + 16,
                                                  m[1]:m[1] + 16]),
-                     batch['instance_edges'][i][:, ::-1] if m[2]
-                     else batch['instance_edges'][i])]
+                     device_edges(batch)[i][:, ::-1] if m[2]
+                     else device_edges(batch)[i])]
       assert matches, name
       flips.add(matches[0][2])
       offsets.add(matches[0][:2])
@@ -522,7 +532,7 @@ def test_ade20k_labels_shift_and_other_becomes_dontcare(tmp_path):
       process_count=1))
   np.testing.assert_array_equal(
       batch['label'][0], [[150, 0, 1, 149], [149, 150, 4, 0]])
-  np.testing.assert_array_equal(batch['instance_edges'], 0.0)
+  np.testing.assert_array_equal(batch['instance'], 0)
 
 
 def test_cityscapes_like_16bit_instances(tmp_path):
@@ -545,7 +555,8 @@ def test_cityscapes_like_16bit_instances(tmp_path):
   np.testing.assert_array_equal(batch['label'][0], label)
   expected = numpy_edges(instance.astype(np.int64))
   assert expected.any() and not numpy_edges(instance % 256).any()
-  np.testing.assert_array_equal(batch['instance_edges'][0], expected)
+  np.testing.assert_array_equal(batch['instance'][0], instance)
+  np.testing.assert_array_equal(device_edges(batch)[0], expected)
 
 
 def test_missing_instance_map_is_a_clear_error(tmp_path):
@@ -583,11 +594,22 @@ def test_config_must_match_dataset(tmp_path):
         'val', train=False)
 
 
-def test_edges_rule_on_tensor():
+def test_edges_rule_on_the_device():
   inst = np.array([[1, 1, 2], [1, 1, 2], [3, 3, 3]], np.int32)
   np.testing.assert_array_equal(
-      input_pipeline.instance_edges(tf.constant(inst)).numpy(),
+      device_edges({'instance': inst[None]})[0],
       [[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+  rng = np.random.default_rng(0)
+  inst = random_blocks(rng, (20, 28), 4, 5)
+  np.testing.assert_array_equal(device_edges({'instance': inst[None]})[0],
+                                numpy_edges(inst))
+
+
+@pytest.mark.parametrize('dataset,dontcare', [
+    ('ade20k', True), ('coco_stuff', True), ('custom', False)])
+def test_map_labels_in_the_graph_equals_numpy(dataset, dontcare):
+  raw = np.random.default_rng(1).integers(0, 256, (6, 9)).astype(np.int32)
+  kw = dict(dataset=dataset, label_nc=150, contain_dontcare_label=dontcare)
   np.testing.assert_array_equal(
-      input_pipeline.instance_edges(tf.constant(inst)).numpy(),
-      numpy_edges(inst))
+      input_pipeline.map_labels(tf.constant(raw), **kw).numpy(),
+      label_maps.dataset_to_class_ids(raw, **kw))

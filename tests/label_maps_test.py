@@ -278,3 +278,55 @@ def test_load_palette(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(label_maps.LabelMapError, match='p.json'):
       label_maps.load_palette(str(path))
+
+
+def test_dataset_to_class_ids_and_back():
+  raw = np.array([[0, 1, 4, 255]])
+  assert label_maps.dataset_to_class_ids(
+      raw, dataset='ade20k', label_nc=4,
+      contain_dontcare_label=True).tolist() == [[4, 0, 3, 4]]
+  assert label_maps.dataset_to_class_ids(
+      raw, dataset='coco_stuff', label_nc=5,
+      contain_dontcare_label=True).tolist() == [[0, 1, 4, 5]]
+  assert label_maps.dataset_to_class_ids(
+      raw, dataset='custom', label_nc=5,
+      contain_dontcare_label=False).tolist() == [[0, 1, 4, 255]]
+  ids = np.array([[0, 3, 4]])
+  for dataset in ('ade20k', 'coco_stuff'):
+    kw = dict(dataset=dataset, label_nc=4, contain_dontcare_label=True)
+    back = label_maps.dataset_to_class_ids(
+        label_maps.class_ids_to_raw(ids, **kw), **kw)
+    assert back.tolist() == ids.tolist()
+
+
+def test_class_ids_maps_dont_care_and_names_bad_ids():
+  assert label_maps.class_ids(
+      np.array([[0, 4, 5, 255]]), label_nc=5,
+      contain_dontcare_label=True).tolist() == [[0, 4, 5, 5]]
+  assert label_maps.class_ids(np.array([[2]], np.uint8), label_nc=5,
+                              contain_dontcare_label=False).dtype == np.int32
+  with pytest.raises(label_maps.LabelMapError,
+                     match=r"the label map hold class ids \[6, 254\] at 2 "
+                     r"pixels, outside .* 0\.\.4, or 5 or 255"):
+    label_maps.class_ids(np.array([[6, 254, 1]]), label_nc=5,
+                         contain_dontcare_label=True, what='label map')
+  # Large ids are checked before any cast could wrap them.
+  with pytest.raises(label_maps.LabelMapError, match=r'\[4294967297\]'):
+    label_maps.class_ids(np.array([[2**32 + 1]]), label_nc=5,
+                         contain_dontcare_label=False)
+
+
+@pytest.mark.parametrize('in_size,out_size', [(64, 32), (7, 3), (16, 379),
+                                              (300, 300)])
+def test_resize_nearest_is_pils(in_size, out_size):
+  rng = np.random.default_rng(in_size)
+  ids = rng.integers(0, 200, (in_size, in_size + 3)).astype(np.uint8)
+  want = np.asarray(Image.fromarray(ids).resize(
+      (out_size + 1, out_size), Image.NEAREST))
+  got = label_maps.resize_nearest(ids, (out_size, out_size + 1))
+  np.testing.assert_array_equal(got, want)
+  batch = label_maps.resize_nearest(np.stack([ids, ids]),
+                                    (out_size, out_size + 1))
+  np.testing.assert_array_equal(batch, np.stack([want, want]))
+  np.testing.assert_array_equal(label_maps.pil_nearest_indices(64, 32),
+                                np.arange(32) * 2 + 1)

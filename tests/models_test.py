@@ -127,7 +127,7 @@ def test_spectral_norm_power_iteration_only_in_training():
   variables = conv.init(jax.random.PRNGKey(0), x)
   kernel = np.asarray(variables['params']['kernel'])
   u0 = np.asarray(variables['batch_stats']['sn_u'])
-  v0 = np.asarray(variables['batch_stats']['sn_v'])
+
   w = kernel.reshape(-1, 4)  # (rows, out) = PyTorch's matrix transposed
   _, eval_state = conv.apply(variables, x, train=False, mutable=['batch_stats'])
   np.testing.assert_array_equal(eval_state['batch_stats']['sn_u'], u0)

@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -12,6 +13,7 @@ from data_pipelines import build
 from data_pipelines import preview
 from data_pipelines import records
 from spade_jax import input_pipeline
+from spade_jax import layers
 from spade_jax import visualize
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,9 +56,12 @@ def test_cli_writes_pngs_and_the_model_arrays(coco_dir, tmp_path):
       process_index=0, process_count=1).take(3).as_numpy_iterator())
   names = [b['file_name'][0].decode() for b in batches]
   assert list(arrays['file_name']) == names
-  for key in ('image', 'label', 'instance_edges'):
+  for key in ('image', 'label', 'instance'):
     np.testing.assert_array_equal(
         arrays[key], np.concatenate([b[key] for b in batches]))
+  np.testing.assert_array_equal(
+      arrays['instance_edges'],
+      layers.instance_edges(jnp.asarray(arrays['instance'])))
 
   colors = records.DatasetInfo.load(str(coco_dir)).colors
   for i, name in enumerate(names):

@@ -1,5 +1,4 @@
 """spade_jax.synthesize: label PNGs in, PNGs and index.html out, bad files."""
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,6 @@ import pytest
 
 from export_test import fake_train_state
 from export_test import tiny_config
-from spade_jax import export
 from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import synthesize
@@ -61,9 +59,7 @@ def inputs(model):
 
 
 def pil_nearest(x, h, w):
-  rows = export.pil_nearest_indices(x.shape[0], h)
-  cols = export.pil_nearest_indices(x.shape[1], w)
-  return x[rows][:, cols]
+  return label_maps.resize_nearest(x, (h, w))
 
 
 def test_cli_writes_pngs_and_page_and_reports_bad_files(model, inputs,
