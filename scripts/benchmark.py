@@ -309,14 +309,15 @@ class Prepared:
   extra: Dict[str, Any]  # init_s, label statistics, ...
 
 
-def sparse_branch_flops(config, lower: Callable[[Any], Any]):
+def sparse_branch_flops(config, lower: Callable[[Any], Any],
+                        training: bool = True):
   """FLOPs of the step with the boundary-sparse branch always taken.
 
   XLA's cost analysis counts a `lax.cond`'s costlier branch, the dense
   fallback; this compiles the step once more without it (never run) to count
   what a batch within the capacity costs. None when the path is off.
   """
-  if not models.spade_sparse(config) or config.netG != 'spade':
+  if not models.spade_sparse(config, training) or config.netG != 'spade':
     return None
   counting = ml_collections.ConfigDict(config.to_dict())
   counting.spade_sparse_fallback = False
@@ -380,7 +381,8 @@ def prepare_generate(config: ml_collections.ConfigDict,
   compiled = info.pop('compiled')
   info['flops_per_step_sparse_branch'] = sparse_branch_flops(
       config,
-      lambda c: train.make_generate_fn(c).lower(g_vars, label, instance))
+      lambda c: train.make_generate_fn(c).lower(g_vars, label, instance),
+      training=False)
   return Prepared(lambda: jax.block_until_ready(compiled(g_vars, label,
                                                          instance)),
                   config.batch_size, info,
@@ -492,7 +494,8 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
   record.update({k: config[k] for k in _CONFIG_KEYS if k in config})
   # As resolved.
   record['spade_label_lookup'] = models.label_lookup(config)
-  record['spade_sparse'] = models.spade_sparse(config)
+  record['spade_sparse'] = models.spade_sparse(
+      config, training=record['mode'] == 'train')
   record['spade_sparse_capacity'] = [
       list(entry) for entry in (models.spade_sparse_capacity(config) or
                                 models.SPARSE_CAPACITY)]

@@ -54,7 +54,7 @@ def make_generate_fn(config) -> Callable:
   mean. Returns float32 (N, H, W, 3) in [-1, 1] (the generator in eval
   mode: BatchNorm running statistics, no state updates).
   """
-  gen = models.make_generator(config)
+  gen = models.make_generator(config, training=False)
 
   def generate(g_vars, label, instance=None, z=None):
     if z is None:
