@@ -5,14 +5,17 @@ cannot work (model shapes, devices, weight files the losses need);
 `resolve_data_dir` finds the TFRecord folder, generating the synthetic set
 on first use. Training and evaluation both start with them.
 """
+import json
 import os
 
+from absl import logging
 from jax.experimental import multihost_utils
 import jax
 import ml_collections
 
 from data_pipelines import records
 from data_pipelines import synthetic
+from spade_jax import data_order
 from spade_jax import diffaugment
 from spade_jax import inception
 from spade_jax import losses
@@ -84,3 +87,40 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
         f'{config.dataset} --manual_dir SRC --data_dir OUT`.')
   records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
   return config.data_dir
+
+
+INPUT_ORDER_FILE = 'input_order.json'
+
+
+def input_order(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+  """What a run's data order and summation order depend on."""
+  return {'data_order_processes': (int(config.data_order_processes)
+                                   or jax.process_count()),
+          'process_count': jax.process_count(),
+          'num_devices': int(num_devices),
+          'global_batch': int(config.batch_size)}
+
+
+def note_input_order(workdir: str, now: dict, resumed: bool) -> None:
+  """Warns what a resumed run's order keeps when it changed; records `now`.
+
+  `now` is `input_order(...)`; the earlier run's is read from
+  INPUT_ORDER_FILE in `workdir` (process 0 writes it, atomically).
+  """
+  path = os.path.join(workdir, INPUT_ORDER_FILE)
+  if resumed and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning('Cannot read %s (%s): the data order is not compared '
+                      "with the earlier run's.", path, e)
+    else:
+      message = data_order.describe_change(saved, now)
+      if message:
+        logging.warning('%s', message)
+  if jax.process_index() == 0:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(now, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
