@@ -249,9 +249,9 @@ def local_batch(config, options: Options) -> Dict[str, Any]:
   n = config.batch_size // jax.process_count()
   if not config.data_dir:
     return random_batch(config, n, seed=jax.process_index())
-  ds = input_pipeline.create_split(config, resolve_data_dir(config,
-                                                            options.workdir),
-                                   config.train_split, train=True)
+  data_dir = run_config.resolve_data_dir(config, options.workdir)
+  ds = input_pipeline.create_split(config, data_dir, config.train_split,
+                                   train=True)
   return next(input_pipeline.numpy_batches(ds))
 
 
@@ -426,23 +426,6 @@ def benchmark_generate(config: ml_collections.ConfigDict,
                                            options.warmup))
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """config.data_dir, or the synthetic set generated under `workdir`."""
-  if config.data_dir:
-    records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
-    return config.data_dir
-  if config.dataset != 'synthetic':
-    raise ValueError(
-        f'dataset={config.dataset!r} needs --config.data_dir: the folder '
-        'written by `python -m data_pipelines.build`.')
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.join(workdir, 'data', 'synthetic')
-  synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
-                             config.synthetic_num_val, config.synthetic_size,
-                             seed=0)
-  return data_dir
-
-
 def bytes_read() -> int:
   """This process's bytes read so far (rchar of /proc/self/io; -1 if none)."""
   try:
@@ -466,14 +449,14 @@ def benchmark_input(config: ml_collections.ConfigDict,
   `options.one_epoch` reads exactly one epoch of this process's batches
   instead of warmup + steps.
   """
-  data_dir = resolve_data_dir(config, options.workdir)
+  data_dir = run_config.resolve_data_dir(config, options.workdir)
   count = options.process_count or jax.process_count()
   index = jax.process_index() if options.process_count is None else (
       options.process_index)
   info = records.DatasetInfo.load(data_dir)
   num_examples, num_shards = input_pipeline.split_size(info,
                                                        config.train_split)
-  paths = records.shard_paths(data_dir, config.train_split, num_shards)
+  paths = info.shard_files(config.train_split)
   sizes = [os.path.getsize(p) for p in paths]
   local_batch = config.batch_size // count
   lo, hi = data_order.process_range(num_examples, index, count)

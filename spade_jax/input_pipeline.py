@@ -671,7 +671,7 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
     A tf.data.Dataset of dicts with per-process batches of
     batch_size // process_count examples (see the module docstring).
   """
-  info = records.DatasetInfo.load(data_dir)
+  info = records.DatasetInfo.load(data_dir, config.dataset or None)
   _check_config(config, info)
   num_examples, num_shards = split_size(info, split)
   if num_examples <= 0:
@@ -703,7 +703,7 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
       contain_dontcare_label=bool(info.contain_dontcare_label),
       use_instance=not config.no_instance, seed=int(config.seed),
       skip_bad_records=bool(config.skip_bad_records))
-  paths = tuple(records.shard_paths(data_dir, split, num_shards))
+  paths = tuple(info.shard_files(split))
   missing = [p for p in paths if not tf.io.gfile.exists(p)]
   if missing:
     raise FileNotFoundError(f'Missing shards of split {split!r}: {missing}')

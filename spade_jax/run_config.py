@@ -70,24 +70,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The TFRecord folder; the synthetic set is generated there if needed."""
+  """The built data set's folder; the synthetic set is generated if needed.
+
+  Synthetic: the build of the config's parameters under config.data_dir
+  (default WORKDIR/data/synthetic), else the one build config.data_dir
+  holds, else one generated there (by process 0; the others wait).
+  """
   if config.dataset == 'synthetic':
     data_dir = config.data_dir or os.path.join(workdir, 'data', 'synthetic')
+    params = (config.synthetic_num_train, config.synthetic_num_val,
+              config.synthetic_size)
+    built = os.path.isfile(os.path.join(
+        synthetic.builder(data_dir, *params).data_dir, records.INFO_FILE))
+    if not built and config.data_dir:
+      try:
+        return records.DatasetInfo.load(config.data_dir).folder
+      except FileNotFoundError:
+        pass
     if jax.process_index() == 0:
-      synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
-                                 config.synthetic_num_val,
-                                 config.synthetic_size, seed=0)
+      synthetic.ensure_synthetic(data_dir, *params, seed=0)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('synthetic data ready')
-    return data_dir
+    return synthetic.ensure_synthetic(data_dir, *params, seed=0,
+                                      build=False).folder
   if not config.data_dir:
     raise ValueError(
         f'dataset={config.dataset!r} needs --config.data_dir: the folder '
         'written by `python -m data_pipelines.build --dataset '
         f'{config.dataset} --manual_dir SRC --data_dir OUT`.')
-  records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
-  return config.data_dir
-
+  return records.DatasetInfo.load(config.data_dir, config.dataset).folder
 
 INPUT_ORDER_FILE = 'input_order.json'
 
