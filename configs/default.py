@@ -24,7 +24,13 @@ def get_config():
   config.crop_size = 64
   config.aspect_ratio = 1.0
   config.no_flip = False
+  # Records per shuffled window (a window never crosses a shard: see
+  # spade_jax/data_order.py).
   config.shuffle_buffer_size = 1000
+  # Read the data in the order this many processes would (0: the run's own
+  # process count; else a multiple of it). Set it to an earlier run's count
+  # to resume that run bit-exactly with another number of processes.
+  config.data_order_processes = 0
   config.prefetch = 2
   # Skip (count and log) bad records instead of stopping with an error that
   # names the shard: undecodable, label ids outside the set's range, a

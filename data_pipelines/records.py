@@ -1,15 +1,13 @@
-"""The on-disk TFRecord format shared by the builders and the input pipeline.
+"""The TFRecord format shared by the builders and the input pipeline.
 
-A built data set is one folder:
-
-  dataset_info.json                      metadata (see `DatasetInfo`)
-  {split}.tfrecord-{i:05d}-of-{n:05d}    sharded `tf.train.Example` records
-
-Each record holds:
+A built data set (see `metadata.py` for its two layouts) holds sharded
+`tf.train.Example` records, each with:
   image      bytes   the image file's encoded bytes (JPEG or PNG), as released
-  label      bytes   PNG of the raw label map (8- or 16-bit), values as released
-                     (no data-set mapping applied: the reader maps 255 and shifts)
-  instance   bytes   PNG of the instance map (8- or 16-bit), b'' when none
+  label      bytes   grayscale PNG of the raw label map, values as released
+                     (no data-set mapping applied: the reader maps 255 and
+                     shifts); 8-bit, 16-bit where the ids need it
+  instance   bytes   16-bit grayscale PNG of the instance map (8- or 16-bit
+                     in the earlier layout), b'' or absent when none
   file_name  bytes   the example's base name (no extension), e.g. b'000000017914'
   height     int64   image height
   width      int64   image width
@@ -30,8 +28,9 @@ DatasetInfo = metadata.DatasetInfo
 
 
 def shard_path(data_dir: str, split: str, index: int, num_shards: int) -> str:
+  """A shard of the earlier layout (test data sets write it)."""
   return os.path.join(data_dir,
-                      f'{split}.tfrecord-{index:05d}-of-{num_shards:05d}')
+                      metadata.legacy_shard_name(split, index, num_shards))
 
 
 def shard_paths(data_dir: str, split: str, num_shards: int) -> List[str]:
@@ -65,10 +64,14 @@ def _scan(path: str, size: int, mtime_ns: int) -> ShardScan:
   del mtime_ns  # Part of the cache key only.
   offsets = []
   truncated_at = None
-  # Local files through Python's own buffered file (several times faster
-  # than GFile for these small reads); others (gs://, ...) through GFile.
-  opener = tf.io.gfile.GFile if '://' in path else open
-  with opener(path, 'rb') as f:
+  # Local files unbuffered: each header read reads its 12 bytes, not a
+  # buffer of the data (a process scanning every shard reads ~12 bytes per
+  # record); others (gs://, ...) through GFile.
+  if '://' in path:
+    opener = lambda: tf.io.gfile.GFile(path, 'rb')
+  else:
+    opener = lambda: open(path, 'rb', buffering=0)  # pylint: disable=consider-using-with
+  with opener() as f:
     pos = 0
     while pos < size:
       header = f.read(_FRAME_HEADER)

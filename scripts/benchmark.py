@@ -61,6 +61,7 @@ if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import records
+from spade_jax import data_order
 from spade_jax import generation
 from spade_jax import input_pipeline
 from spade_jax import layers
@@ -101,6 +102,16 @@ def define_flags() -> None:
       'variants', [], 'train / generate: compile each of these named config '
       f'variants ({", ".join(VARIANTS)}) and time their steps in alternation '
       'in this one process (one record each).')
+  flags.DEFINE_integer(
+      'process_count', None, 'input mode: read the share of one of this many '
+      'processes (default: the processes of this run).')
+  flags.DEFINE_integer('process_index', 0, 'input mode: which process\'s '
+                       'share (with --process_count).')
+  flags.DEFINE_integer('start_step', 0, 'input mode: start (resume) at this '
+                       'global step.')
+  flags.DEFINE_bool('one_epoch', False, 'input mode: read one epoch of the '
+                    'process\'s batches (bytes_read over it) instead of '
+                    '--warmup + --steps.')
   flags.DEFINE_string(
       'workdir', None, 'Where the synthetic data set is generated when '
       'config.data_dir is empty (input mode; default: a folder under the '
@@ -114,6 +125,12 @@ class Options:
   steps: int = 10
   warmup: int = 2
   random_vgg_for_timing: bool = False
+  # input mode: the share of one of `process_count` processes (None: this
+  # run's processes), from `start_step`, one epoch of it with `one_epoch`.
+  process_count: Optional[int] = None
+  process_index: int = 0
+  start_step: int = 0
+  one_epoch: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -232,9 +249,9 @@ def local_batch(config, options: Options) -> Dict[str, Any]:
   n = config.batch_size // jax.process_count()
   if not config.data_dir:
     return random_batch(config, n, seed=jax.process_index())
-  ds = input_pipeline.create_split(config, resolve_data_dir(config,
-                                                            options.workdir),
-                                   config.train_split, train=True)
+  data_dir = run_config.resolve_data_dir(config, options.workdir)
+  ds = input_pipeline.create_split(config, data_dir, config.train_split,
+                                   train=True)
   return next(input_pipeline.numpy_batches(ds))
 
 
@@ -411,38 +428,73 @@ def benchmark_generate(config: ml_collections.ConfigDict,
                                            options.warmup))
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """config.data_dir, or the synthetic set generated under `workdir`."""
-  if config.data_dir:
-    records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
-    return config.data_dir
-  if config.dataset != 'synthetic':
-    raise ValueError(
-        f'dataset={config.dataset!r} needs --config.data_dir: the folder '
-        'written by `python -m data_pipelines.build`.')
-  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.join(workdir, 'data', 'synthetic')
-  synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
-                             config.synthetic_num_val, config.synthetic_size,
-                             seed=0)
-  return data_dir
+def bytes_read() -> int:
+  """This process's bytes read so far (rchar of /proc/self/io; -1 if none)."""
+  try:
+    with open('/proc/self/io') as f:
+      for line in f:
+        if line.startswith('rchar:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return -1
 
 
 def benchmark_input(config: ml_collections.ConfigDict,
                     options: Options) -> Dict[str, Any]:
-  """Times the training input pipeline alone (numpy batches out)."""
-  data_dir = resolve_data_dir(config, options.workdir)
-  ds = input_pipeline.create_split(config, data_dir, config.train_split,
-                                   train=True)
+  """Times one process's share of the training input pipeline (numpy out).
+
+  `bytes_read` is the rchar delta from building the pipeline to the last
+  batch, `bytes_read_first_batch` and `first_batch_s` up to the first one;
+  `options.process_count` / `process_index` read one process's share
+  without starting the others, `options.start_step` resumes there, and
+  `options.one_epoch` reads exactly one epoch of this process's batches
+  instead of warmup + steps.
+  """
+  data_dir = run_config.resolve_data_dir(config, options.workdir)
+  count = options.process_count or jax.process_count()
+  index = jax.process_index() if options.process_count is None else (
+      options.process_index)
+  info = records.DatasetInfo.load(data_dir)
+  num_examples, num_shards = input_pipeline.split_size(info,
+                                                       config.train_split)
+  paths = info.shard_files(config.train_split)
+  sizes = [os.path.getsize(p) for p in paths]
+  local_batch = config.batch_size // count
+  lo, hi = data_order.process_range(num_examples, index, count)
+  epoch_batches = (hi - lo) // local_batch
+  read_before = bytes_read()
+  start = time.perf_counter()
+  position = options.start_step * local_batch
+  epoch = position // (hi - lo)
+  ds = input_pipeline.create_split(
+      config, data_dir, config.train_split, train=True,
+      start_step=options.start_step, process_index=index,
+      process_count=count, num_epochs=epoch + 1 if options.one_epoch else None)
   batches = input_pipeline.numpy_batches(ds)
   first = next(batches)
-  timings = time_steps(lambda: next(batches), options.steps, options.warmup)
-  batch_size = first['image'].shape[0]
-  record = summarize(timings, batch_size)
+  first_batch_s = time.perf_counter() - start
+  read_first = bytes_read() - read_before
+  if options.one_epoch:  # The rest of this epoch: the stream ends there.
+    steps, warmup = ((epoch + 1) * (hi - lo) - position) // local_batch - 1, 0
+  else:
+    steps, warmup = options.steps, options.warmup
+  timings = (time_steps(lambda: next(batches), steps, warmup) if steps > 0
+             else Timings([first_batch_s], [0.0]))
+  read_all = bytes_read() - read_before
+  record = summarize(timings, first['image'].shape[0])
   record.update(
       height=int(first['image'].shape[1]), width=int(first['image'].shape[2]),
       global_batch_size=int(config.batch_size), data_dir=data_dir,
-      split=config.train_split, tf_cpu_threads=os.cpu_count())
+      split=config.train_split, tf_cpu_threads=os.cpu_count(),
+      input_process_count=count, input_process_index=index,
+      start_step=options.start_step, batches_read=1 + warmup + steps,
+      epoch_batches=epoch_batches, one_epoch=bool(options.one_epoch),
+      first_batch_s=first_batch_s, bytes_read_first_batch=read_first,
+      bytes_read=read_all, split_bytes=sum(sizes),
+      shard_bytes_max=max(sizes), num_shards=num_shards,
+      bytes_read_share=read_all / sum(sizes),
+      bytes_read_first_batch_shards=read_first / max(sizes))
   return record
 
 
@@ -504,10 +556,16 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
         steps: int = 10, warmup: int = 2,
-        random_vgg_for_timing: bool = False) -> Dict[str, Any]:
-  """Runs one benchmark mode and returns its JSON-able record."""
+        random_vgg_for_timing: bool = False, **input_options
+        ) -> Dict[str, Any]:
+  """Runs one benchmark mode and returns its JSON-able record.
+
+  `input_options`: process_count, process_index, start_step, one_epoch (see
+  `Options`).
+  """
   check_run_args(mode, steps, warmup)
-  options = Options(workdir, steps, warmup, random_vgg_for_timing)
+  options = Options(workdir, steps, warmup, random_vgg_for_timing,
+                    **input_options)
   record = {'mode': mode}
   record.update(MODES[mode](config, options))
   return finish_record(record, config, random_vgg_for_timing)
@@ -581,6 +639,16 @@ def format_table(record: Dict[str, Any]) -> str:
   if record.get('flops_per_step_sparse_branch'):
     rows.append(('GFLOP/step, sparse branch',
                  record['flops_per_step_sparse_branch'] / 1e9))
+  if record['mode'] == 'input':
+    rows.append(('process', f"{record['input_process_index']} of "
+                            f"{record['input_process_count']}, from step "
+                            f"{record['start_step']}"))
+    rows.append(('first batch s', record['first_batch_s']))
+    rows.append(('MB read, first batch', record['bytes_read_first_batch']
+                 / 1e6))
+    rows.append((f"MB read, {record['batches_read']} batches",
+                 record['bytes_read'] / 1e6))
+    rows.append(('  of the split', record['bytes_read_share']))
   if record.get('boundary_pixel_fraction'):
     rows.append(('labels', record['labels']))
     rows.append(('boundary pixels', ', '.join(
@@ -604,7 +672,10 @@ def main(argv):
                           FLAGS.random_vgg_for_timing)
     else:
       recs = [run(FLAGS.mode, FLAGS.config, workdir, FLAGS.steps,
-                  FLAGS.warmup, FLAGS.random_vgg_for_timing)]
+                  FLAGS.warmup, FLAGS.random_vgg_for_timing,
+                  process_count=FLAGS.process_count,
+                  process_index=FLAGS.process_index,
+                  start_step=FLAGS.start_step, one_epoch=FLAGS.one_epoch)]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print('\n\n'.join(format_table(record) for record in recs))

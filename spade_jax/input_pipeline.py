@@ -18,20 +18,20 @@ and, with `with_metadata` (the default for evaluation):
   valid           bool    (B,)         False for the padding that completes
                                        the last evaluation batch
 
-Order and randomness are functions of (config.seed, step) alone:
-
-* The global stream of examples is a concatenation of epochs. Epoch `e` reads
-  the shards in an order drawn from (seed, e), interleaves them and shuffles
-  with a buffer seeded from (seed, e). Evaluation reads the shards in order.
-* Global batch `k` is stream positions [k * B, (k + 1) * B) (B = the global
-  batch size). Each of `process_count` processes computes the same stream and
-  keeps its contiguous slice of every global batch (before decoding), so the
-  processes see disjoint parts that together cover the data.
-* Random crop offsets and flips come from a stateless RNG keyed by
-  (seed, stream position).
-* `start_step` restarts the stream at global batch `start_step`: earlier epochs
-  are not read at all and the skipped part of the current one is only read as
-  bytes, never decoded.
+Which records a process reads, and in which order, is its read plan
+(`data_order`, where the scheme is explained): with P processes each reads
+only its own share of every epoch (about 1/P of the split's bytes plus at
+most one shard), shuffled in windows that never cross a shard, so that
+restarting at any step reads at most one shard's worth of bytes before the
+first batch. The order is a function of (config.seed, P, process, step);
+random crop offsets and flips come from a stateless RNG keyed by the
+record's `index` (its position in the epoch's global order). Evaluation
+reads the shards in their stored order, each process a contiguous part,
+every record valid in exactly one process. `config.data_order_processes`
+reads in the order of another number of processes (each process then reads
+several consecutive shares and concatenates their batches): one process can
+reproduce a multi-process run's batches, and a run can resume with fewer
+processes in its old order.
 
 Records are checked as they are read, and a bad one stops reading with an
 error naming its shard (and record), or with `config.skip_bad_records` is
@@ -67,6 +67,7 @@ import ml_collections
 import tensorflow as tf
 
 from data_pipelines import records
+from spade_jax import data_order
 from spade_jax import label_maps
 
 PREPROCESS_MODES = ('resize_and_crop', 'crop', 'scale_width',
@@ -77,8 +78,6 @@ _CROP_MODES = ('resize_and_crop', 'crop', 'scale_width_and_crop',
 # The dataset functions below use no Python control flow on tensors; skipping
 # AutoGraph's source conversion makes building a pipeline several times faster.
 _no_autograph = tf.autograph.experimental.do_not_convert
-# Shards read at once when training (interleaved record by record).
-_MAX_INTERLEAVE = 16
 _READ_BUFFER = 1 << 20
 # Keys of the metadata fields added with `with_metadata`.
 METADATA_KEYS = ('file_name', 'index', 'valid')
@@ -552,79 +551,55 @@ def _make_example_fn(spec: _ExampleSpec, counter: BadRecordCounter):
 # Record streams.
 
 
-def _read_shards(paths: tf.Tensor, counts: tf.Tensor, cycle_length: int
-                 ) -> tf.data.Dataset:
-  """(shard path, serialized record) pairs, interleaved record by record.
-
-  Each shard yields its first `counts` records (all its complete ones: a
-  cut-off last record is not read).
-  """
-  def read(path, count):
-    return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).take(
-        count).map(_no_autograph(lambda r: (path, r)))
-
-  return tf.data.Dataset.from_tensor_slices((paths, counts)).interleave(
-      _no_autograph(read),
-      cycle_length=cycle_length, block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+def _window_permutation(key: tf.Tensor):
+  """(window number, records) -> the records permuted by (key, number)."""
+  def permute(number, window):
+    seed = tf.stack([key, number])
+    order = tf.argsort(tf.random.stateless_uniform(tf.shape(window)[:1],
+                                                   seed=seed))
+    return tf.gather(window, order)
+  return _no_autograph(permute)
 
 
-def _epoch_seeds(seed: int, epoch: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-  """(shard-order seed pair, shuffle-buffer seed) for an epoch."""
-  # Negative second words keep these apart from the per-example crop seeds.
-  key = tf.stack([tf.constant(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)])
-  order_seed, buffer_key = tf.unstack(
-      tf.random.experimental.stateless_split(key, 2))
-  buffer_seed = tf.random.stateless_uniform(
-      [], seed=buffer_key, minval=0, maxval=2**31 - 1, dtype=tf.int64)
-  return order_seed, buffer_seed
-
-
-def _train_epoch(paths: Tuple[str, ...], counts: Tuple[int, ...], seed: int,
-                 shuffle_buffer: int):
-  """Returns epoch -> shuffled (shard, record, valid) stream of that epoch."""
-
-  def epoch_records(epoch):
-    order_seed, buffer_seed = _epoch_seeds(seed, epoch)
-    order = tf.argsort(tf.random.stateless_uniform([len(paths)],
-                                                   seed=order_seed))
-    ds = _read_shards(tf.gather(tf.constant(paths), order),
-                      tf.gather(tf.constant(counts, tf.int64), order),
-                      min(len(paths), _MAX_INTERLEAVE))
-    if shuffle_buffer > 1:
-      ds = ds.shuffle(shuffle_buffer, seed=buffer_seed,
-                      reshuffle_each_iteration=False)
-    return ds.map(_no_autograph(lambda p, r: (p, r, tf.constant(True))))
-
-  return _no_autograph(epoch_records)
-
-
-def _record_stream(paths: Tuple[str, ...], counts: Tuple[int, ...],
-                   num_examples: int,
-                   global_batch: int, *, train: bool, seed: int,
-                   shuffle_buffer: int, start_step: int,
+def _record_stream(paths: Tuple[str, ...], plan: data_order.Plan, start: int,
                    num_epochs: Optional[int]) -> tf.data.Dataset:
-  """Global (position, (shard, record, valid)) stream from `start_step` on."""
-  start = start_step * global_batch
-  if train:
-    start_epoch, offset = divmod(start, num_examples)
-    end_epoch = 2**62 if num_epochs is None else num_epochs
-    ds = tf.data.Dataset.range(start_epoch, end_epoch).flat_map(
-        _train_epoch(paths, counts, seed, shuffle_buffer))
-    ds = ds.skip(offset)
-  else:
-    one_pass = _read_shards(tf.constant(paths),
-                            tf.constant(counts, tf.int64), 1)
-    ds = one_pass.map(_no_autograph(lambda p, r: (p, r, tf.constant(True))))
-    pad = -num_examples % global_batch
-    if pad:
-      # Complete the last global batch with (invalid) repeats of the first
-      # records so that every process gets a full, equal share.
-      ds = ds.concatenate(one_pass.repeat().take(pad).map(
-          _no_autograph(lambda p, r: (p, r, tf.constant(False)))))
-    ds = ds.repeat(1 if num_epochs is None else num_epochs)
-    ds = ds.skip(start)
-  return ds.enumerate(start=start)
+  """(index, (shard, record, valid)) of `plan` from stream position `start`.
+
+  Only the pieces the plan names are read, one after another; records before
+  `start` are skipped as bytes (never decoded), whole pieces not read at all.
+  """
+  _, drop = plan.start(start, num_epochs)
+  window = max(1, plan.window) if plan.train else 1
+
+  def descriptors():  # A fresh plan at every iteration of the dataset.
+    pieces, _ = plan.start(start, num_epochs)
+    for p in pieces:
+      yield p.shard, p.skip, p.take, p.valid, p.key, p.first_window
+
+  scalar = tf.TensorSpec([], tf.int64)
+  ds = tf.data.Dataset.from_generator(
+      descriptors, output_signature=(scalar, scalar, scalar,
+                                     tf.TensorSpec([], tf.bool), scalar,
+                                     scalar))
+  shard_paths = tf.constant(paths)
+
+  def read(shard, skip, take, valid, key, first_window):
+    path = shard_paths[shard]
+    records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER).skip(
+        skip).take(take)
+    if window > 1:
+      numbers = tf.data.Dataset.range(first_window, first_window + 2**40)
+      records = tf.data.Dataset.zip((numbers, records.batch(window))).map(
+          _window_permutation(key)).unbatch()
+    return records.map(_no_autograph(lambda r: (path, r, valid)))
+
+  ds = ds.flat_map(_no_autograph(read)).skip(drop)
+  size, span, lo = plan.epoch_size, plan.span, plan.lo
+
+  def with_index(position, record):
+    return (position // size) * span + lo + position % size, record
+
+  return ds.enumerate(start=start).map(_no_autograph(with_index))
 
 
 # ---------------------------------------------------------------------------
@@ -675,7 +650,9 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
   Args:
     config: reads preprocess_mode, load_size, crop_size, aspect_ratio,
       no_flip, shuffle_buffer_size, prefetch, skip_bad_records, batch_size,
-      seed, label_nc, contain_dontcare_label, no_instance, dataset.
+      seed, label_nc, contain_dontcare_label, no_instance, dataset,
+      data_order_processes (read the shares of that many processes, this
+      process's consecutive ones, each batch their batches concatenated).
     data_dir: folder of a built data set (dataset_info.json + shards).
     split: split name, e.g. 'train'.
     train: shuffle, random crops and flips, and drop an incomplete last batch;
@@ -694,7 +671,7 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
     A tf.data.Dataset of dicts with per-process batches of
     batch_size // process_count examples (see the module docstring).
   """
-  info = records.DatasetInfo.load(data_dir)
+  info = records.DatasetInfo.load(data_dir, config.dataset or None)
   _check_config(config, info)
   num_examples, num_shards = split_size(info, split)
   if num_examples <= 0:
@@ -710,14 +687,23 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in '
                      f'[0, {process_count}).')
-  local_batch = batch_size // process_count
+  order_count = int(config.data_order_processes) or process_count
+  if order_count % process_count or batch_size % order_count:
+    raise ValueError(
+        f'config.data_order_processes={config.data_order_processes}: the '
+        f'order of {order_count} processes needs a multiple of the '
+        f'{process_count} processes running and a global batch size '
+        f'({batch_size}) divisible by it; set it to 0 (this run\'s order) or '
+        'to the process count of the run whose order you want.')
+  shares_per_process = order_count // process_count
+  share_batch = batch_size // order_count
   pre = preprocess_from_config(config, train=train)
   spec = _ExampleSpec(
       pre=pre, dataset=info.dataset, label_nc=int(info.label_nc),
       contain_dontcare_label=bool(info.contain_dontcare_label),
       use_instance=not config.no_instance, seed=int(config.seed),
       skip_bad_records=bool(config.skip_bad_records))
-  paths = tuple(records.shard_paths(data_dir, split, num_shards))
+  paths = tuple(info.shard_files(split))
   missing = [p for p in paths if not tf.io.gfile.exists(p)]
   if missing:
     raise FileNotFoundError(f'Missing shards of split {split!r}: {missing}')
@@ -729,23 +715,27 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
     raise ValueError(f'Split {split!r} of {data_dir} holds no readable '
                      'record.')
 
-  ds = _record_stream(paths, counts, num_examples, batch_size, train=train,
-                      seed=int(config.seed),
-                      shuffle_buffer=int(config.shuffle_buffer_size),
-                      start_step=int(start_step), num_epochs=num_epochs)
-  if process_count > 1:
-    # Keep this process's contiguous slice of every global batch.
-    ds = ds.filter(_no_autograph(lambda g, _: tf.equal(
-        (g % batch_size) // local_batch, process_index)))
-  ds = ds.map(_make_example_fn(spec, counter),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if spec.skip_bad_records:
-    ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
   keep = ['image', 'label', 'instance']
   if with_metadata if with_metadata is not None else not train:
     keep += list(METADATA_KEYS)
-  ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))
-  ds = ds.batch(local_batch, drop_remainder=train)
+  shares = []
+  for share in range(process_index * shares_per_process,
+                     (process_index + 1) * shares_per_process):
+    plan = data_order.Plan(
+        counts=tuple(counts), train=train, seed=int(config.seed),
+        process_index=share, process_count=order_count,
+        local_batch=share_batch, window=int(config.shuffle_buffer_size))
+    ds = _record_stream(paths, plan, int(start_step) * share_batch,
+                        num_epochs if num_epochs is not None or train else 1)
+    ds = ds.map(_make_example_fn(spec, counter),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if spec.skip_bad_records:
+      ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
+    ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))
+    shares.append(ds.batch(share_batch, drop_remainder=train))
+  ds = shares[0] if len(shares) == 1 else tf.data.Dataset.zip(
+      tuple(shares)).map(_no_autograph(lambda *parts: {
+          k: tf.concat([p[k] for p in parts], 0) for k in keep}))
   ds = ds.prefetch(int(config.prefetch) if config.prefetch > 0
                    else tf.data.AUTOTUNE)
   options = tf.data.Options()

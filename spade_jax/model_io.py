@@ -313,10 +313,10 @@ def _info_classes(data_dir: str) -> Optional[Dict]:
   """Names and colours from a built data set's dataset_info.json, or None."""
   if not data_dir:
     return None
-  if not os.path.isfile(os.path.join(data_dir, metadata.INFO_FILE)):
-    return None
   try:
     info = metadata.DatasetInfo.load(data_dir)
+  except FileNotFoundError:
+    return None
   except (OSError, ValueError, TypeError) as e:
     logging.warning('Cannot read the class names and colours of %s: %s',
                     data_dir, e)
@@ -337,16 +337,17 @@ def read_class_source(path: str, label_nc: int) -> Dict:
   """
   label_nc = int(label_nc)
   if os.path.isdir(path):
-    info_path = os.path.join(path, metadata.INFO_FILE)
-    if not os.path.isfile(info_path):
-      raise FileNotFoundError(
-          f'{info_path} not found: {path} is not a built data set folder. '
-          'Pass one (python -m data_pipelines.build ... --data_dir DIR) or a '
-          f'{CLASSES_FILE} file.')
     try:
       info = metadata.DatasetInfo.load(path)
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f'{path} is not a built data set folder (no {metadata.INFO_FILE} '
+          'in it or a tfds build under it). Pass one (python -m '
+          f'data_pipelines.build ... --data_dir DIR) or a {CLASSES_FILE} '
+          'file.') from None
     except (ValueError, TypeError) as e:
-      raise ValueError(f'cannot read {info_path}: {e}') from None
+      raise ValueError(f'cannot read the data set {path}: {e}') from None
+    info_path = os.path.join(info.folder, metadata.INFO_FILE)
     if int(info.label_nc) != label_nc:
       raise ValueError(
           f'the data set {path} has {info.label_nc} classes (label_nc in '

@@ -5,14 +5,17 @@ cannot work (model shapes, devices, weight files the losses need);
 `resolve_data_dir` finds the TFRecord folder, generating the synthetic set
 on first use. Training and evaluation both start with them.
 """
+import json
 import os
 
+from absl import logging
 from jax.experimental import multihost_utils
 import jax
 import ml_collections
 
 from data_pipelines import records
 from data_pipelines import synthetic
+from spade_jax import data_order
 from spade_jax import diffaugment
 from spade_jax import inception
 from spade_jax import losses
@@ -67,20 +70,68 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The TFRecord folder; the synthetic set is generated there if needed."""
+  """The built data set's folder; the synthetic set is generated if needed.
+
+  Synthetic: the build of the config's parameters under config.data_dir
+  (default WORKDIR/data/synthetic), else the one build config.data_dir
+  holds, else one generated there (by process 0; the others wait).
+  """
   if config.dataset == 'synthetic':
     data_dir = config.data_dir or os.path.join(workdir, 'data', 'synthetic')
+    params = (config.synthetic_num_train, config.synthetic_num_val,
+              config.synthetic_size)
+    built = os.path.isfile(os.path.join(
+        synthetic.builder(data_dir, *params).data_dir, records.INFO_FILE))
+    if not built and config.data_dir:
+      try:
+        return records.DatasetInfo.load(config.data_dir).folder
+      except FileNotFoundError:
+        pass
     if jax.process_index() == 0:
-      synthetic.ensure_synthetic(data_dir, config.synthetic_num_train,
-                                 config.synthetic_num_val,
-                                 config.synthetic_size, seed=0)
+      synthetic.ensure_synthetic(data_dir, *params, seed=0)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('synthetic data ready')
-    return data_dir
+    return synthetic.ensure_synthetic(data_dir, *params, seed=0,
+                                      build=False).folder
   if not config.data_dir:
     raise ValueError(
         f'dataset={config.dataset!r} needs --config.data_dir: the folder '
         'written by `python -m data_pipelines.build --dataset '
         f'{config.dataset} --manual_dir SRC --data_dir OUT`.')
-  records.DatasetInfo.load(config.data_dir)  # Clear error when absent.
-  return config.data_dir
+  return records.DatasetInfo.load(config.data_dir, config.dataset).folder
+
+INPUT_ORDER_FILE = 'input_order.json'
+
+
+def input_order(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+  """What a run's data order and summation order depend on."""
+  return {'data_order_processes': (int(config.data_order_processes)
+                                   or jax.process_count()),
+          'process_count': jax.process_count(),
+          'num_devices': int(num_devices),
+          'global_batch': int(config.batch_size)}
+
+
+def note_input_order(workdir: str, now: dict, resumed: bool) -> None:
+  """Warns what a resumed run's order keeps when it changed; records `now`.
+
+  `now` is `input_order(...)`; the earlier run's is read from
+  INPUT_ORDER_FILE in `workdir` (process 0 writes it, atomically).
+  """
+  path = os.path.join(workdir, INPUT_ORDER_FILE)
+  if resumed and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning('Cannot read %s (%s): the data order is not compared '
+                      "with the earlier run's.", path, e)
+    else:
+      message = data_order.describe_change(saved, now)
+      if message:
+        logging.warning('%s', message)
+  if jax.process_index() == 0:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(now, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

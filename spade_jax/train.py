@@ -396,6 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                         records.DatasetInfo.load(data_dir).colors)
               if jax.process_index() == 0 else None)
   start = int(jax.device_get(state.step))
+  run_config.note_input_order(
+      workdir, run_config.input_order(config, mesh.size), resumed=start > 0)
   train_iter = input_pipeline.numpy_batches(input_pipeline.create_split(
       config, data_dir, config.train_split, train=True, start_step=start))
   metrics = _TrainMetrics(writer, mngr, config, start)

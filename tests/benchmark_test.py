@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from configs import default as default_config
 from data_pipelines import records
+from data_pipelines import synthetic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,37 @@ def test_input_mode_record(tmp_path):
   assert (record['height'], record['width']) == (16, 16)
   assert record['images_per_s'] > 0
   assert record['ms_per_step_median'] > 0
+
+
+def test_input_mode_reads_one_process_share(tmp_path):
+  """bytes_read: a process of 4 reads its quarter of the split's bytes."""
+  benchmark = load_benchmark()
+  config = default_config.get_config()
+  config.dataset = 'synthetic'
+  config.data_dir = str(tmp_path / 'synthetic')
+  synthetic.build_synthetic(config.data_dir, 64, 0, 32, num_shards=8)
+  config.load_size = config.crop_size = 32
+  config.batch_size = 4
+  config.shuffle_buffer_size = 8
+  whole = benchmark.run('input', config, str(tmp_path), one_epoch=True,
+                        process_count=1)
+  part = benchmark.run('input', config, str(tmp_path), one_epoch=True,
+                       process_count=4, process_index=2)
+  assert whole['epoch_batches'] == 16 and part['epoch_batches'] == 16
+  assert whole['bytes_read'] >= 0.9 * whole['split_bytes']
+  assert part['bytes_read'] <= 0.25 * whole['split_bytes'] + (
+      part['shard_bytes_max'])
+  assert part['bytes_read'] <= 0.26 * whole['bytes_read']
+  # Resuming in the last shard (of 2; a window is a whole shard) reads that
+  # shard: the 24 records left in its window after the first batch keep the
+  # pipeline's read-ahead inside it.
+  config.data_dir = str(tmp_path / 'two_shards')
+  config.shuffle_buffer_size = 64
+  synthetic.build_synthetic(config.data_dir, 64, 0, 32, num_shards=2)
+  resumed = benchmark.run('input', config, str(tmp_path), steps=1, warmup=0,
+                          process_count=1, start_step=9)
+  assert resumed['bytes_read_first_batch'] <= 1.5 * resumed['shard_bytes_max']
+  assert resumed['bytes_read_first_batch'] >= resumed['shard_bytes_max']
 
 
 def test_unknown_mode_is_an_error(tmp_path):

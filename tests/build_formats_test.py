@@ -16,6 +16,7 @@ from build_test import _label
 from build_test import _read_split
 from build_test import _save
 from data_pipelines import build
+from data_pipelines import examples
 from data_pipelines import coco_instances
 from data_pipelines import records
 from spade_jax import label_maps
@@ -121,9 +122,9 @@ def test_rgb_errors_name_colour_and_file(tmp_path):
   bad = tmp_path / 'p.json'
   bad.write_text(json.dumps([[0, 0, 0]] * 5))
   with pytest.raises(ValueError, match='5 colours.*give 13'):
-    build.make_label_format('rgb', layout, str(bad))
+    examples.make_label_format('rgb', layout, str(bad))
   with pytest.raises(ValueError, match='--palette is for'):
-    build.make_label_format('ids', layout, str(bad))
+    examples.make_label_format('ids', layout, str(bad))
 
 
 def test_equal_channel_rgb_and_16_bit_colour_rules_hold_in_the_builder(

@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from data_pipelines import build
+from data_pipelines import examples
 from data_pipelines import layouts
 from data_pipelines import records
-from data_pipelines import writer
 from spade_jax import label_maps
 
 # ---------------------------------------------------------------------------
@@ -39,8 +39,7 @@ def _label(h: int, w: int, hi: int, seed: int = 0,
 
 def _read_split(data_dir: pathlib.Path, split: str) -> List[Dict[str, object]]:
   info = records.DatasetInfo.load(str(data_dir))
-  paths = records.shard_paths(str(data_dir), split,
-                              info.splits[split]['num_shards'])
+  paths = info.shard_files(split)
   out = []
   for serialized in tf.data.TFRecordDataset(paths):
     ex = records.parse_example(serialized)
@@ -53,10 +52,11 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 def _assert_nothing_valid(data_dir: pathlib.Path) -> None:
-  """No info file and no shard anywhere under data_dir (temp dirs too)."""
+  """No build to find and no shard anywhere under data_dir (temp dirs too)."""
   if not data_dir.exists():
     return
-  assert not (data_dir / records.INFO_FILE).exists()
+  with pytest.raises(FileNotFoundError):
+    records.DatasetInfo.load(str(data_dir))
   leftovers = [p for p in data_dir.rglob('*') if 'tfrecord' in p.name or
                p.name.startswith('.build-')]
   assert not leftovers, leftovers
@@ -92,7 +92,7 @@ def test_coco_sample_builds_exact_bytes(coco_sample_dir, tmp_path):
   assert len(info.colors) == 183
   for split, names in src_names.items():
     assert info.splits[split] == {'num_examples': len(names), 'num_shards': 3}
-    for p in records.shard_paths(str(out), split, 3):
+    for p in info.shard_files(split):
       assert pathlib.Path(p).stat().st_size > 0
     examples = _read_split(out, split)
     assert sorted(e['file_name'].decode() for e in examples) == names
@@ -104,23 +104,31 @@ def test_coco_sample_builds_exact_bytes(coco_sample_dir, tmp_path):
       assert e['label'] == label_src.read_bytes()
       np.testing.assert_array_equal(_decode_png(e['label']),
                                     np.asarray(Image.open(label_src)))
-      assert e['instance'] == (coco_sample_dir / f'{split}_inst' /
-                               f'{name}.png').read_bytes()
+      # Instance maps: the same values as a 16-bit PNG (the feature's).
+      assert e['instance'][24] == 16
+      np.testing.assert_array_equal(
+          _decode_png(e['instance']),
+          np.asarray(Image.open(coco_sample_dir / f'{split}_inst' /
+                                f'{name}.png')))
       w, h = Image.open(io.BytesIO(e['image'])).size
       assert (e['height'], e['width']) == (h, w)
   assert not list(out.glob('.build-*'))
 
 
-def test_train_split_is_mixed_val_in_name_order(tmp_path):
-  src, out = tmp_path / 'src', tmp_path / 'out'
+def test_splits_are_mixed_across_shards_in_a_fixed_order(tmp_path):
+  src = tmp_path / 'src'
   names = [f'{i:03d}' for i in range(12)]
   _coco_like(src, 'train', names, 12, instance=False)
   _coco_like(src, 'val', names, 12, instance=False)
-  build.build_dataset('facades', str(src), str(out), num_shards=2)
-  train = [e['file_name'].decode() for e in _read_split(out, 'train')]
-  val = [e['file_name'].decode() for e in _read_split(out, 'val')]
-  assert sorted(train) == names and train != names
-  assert val == names
+  orders = []
+  for out in (tmp_path / 'out', tmp_path / 'again'):
+    build.build_dataset('facades', str(src), str(out), num_shards=2)
+    orders.append({s: [e['file_name'].decode() for e in _read_split(out, s)]
+                   for s in ('train', 'val')})
+  for split in ('train', 'val'):
+    assert sorted(orders[0][split]) == names
+    assert orders[0][split] != names  # tfds shuffles by key.
+  assert orders[0] == orders[1]
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def test_facades_layout(tmp_path):
   _coco_like(src, 'train', ['a', 'b', 'c'], 12, instance=False)
   _coco_like(src, 'val', ['d'], 12, instance=False)
   summary = build.build_dataset('facades', str(src), str(out),
-                                splits=['train'], examples_per_shard=2)
+                                splits=['train'], num_shards=2)
   assert summary['train']['examples'] == 3 and summary['train']['shards'] == 2
   info = records.DatasetInfo.load(str(out))
   assert list(info.splits) == ['train']
@@ -230,18 +238,29 @@ def test_custom_layout_converts_palette_and_bmp(tmp_path):
   assert by_name['y']['image'] == (image_dir / 'y.jpg').read_bytes()
 
 
-def test_rebuilding_one_split_keeps_the_others(tmp_path):
+def test_an_existing_build_is_kept_unless_overwrite(tmp_path, caplog):
   src, out = tmp_path / 'src', tmp_path / 'out'
   _coco_like(src, 'train', ['a', 'b'], 12, instance=False)
   _coco_like(src, 'val', ['c', 'd', 'e'], 12, instance=False)
   build.build_dataset('facades', str(src), str(out))
-  build.build_dataset('facades', str(src), str(out), splits=['val'],
-                      num_shards=3)
+  folder = pathlib.Path(records.DatasetInfo.load(str(out)).folder)
+  mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+  with caplog.at_level('WARNING'):
+    build.build_dataset('facades', str(src), str(out), num_shards=2)
+  assert 'pass --overwrite' in caplog.text
+  assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+  build.build_dataset('facades', str(src), str(out), num_shards=2,
+                      overwrite=True)
   info = records.DatasetInfo.load(str(out))
-  assert info.splits == {'train': {'num_examples': 2, 'num_shards': 1},
-                         'val': {'num_examples': 3, 'num_shards': 3}}
-  assert sorted(p.name for p in out.glob('val.tfrecord-*')) == [
-      pathlib.Path(p).name for p in records.shard_paths(str(out), 'val', 3)]
+  assert info.folder == str(folder)
+  assert info.splits == {'train': {'num_examples': 2, 'num_shards': 2},
+                         'val': {'num_examples': 3, 'num_shards': 2}}
+  with pytest.raises(ValueError, match='num_shards'):
+    build.build_dataset('facades', str(src), str(out), num_shards=3,
+                        overwrite=True)
+  assert records.DatasetInfo.load(str(out)).splits == info.splits
+  assert not list(out.glob('.build-*')) and not list(
+      folder.parent.glob('*.build-old'))
   assert len(_read_split(out, 'train')) == 2
 
 
@@ -357,17 +376,17 @@ def test_bad_file_is_named(tmp_path, corrupt):
 def test_class_id_range_per_dataset(dataset, bad_value):
   layout = layouts.get_layout(dataset)
   arr = np.zeros((3, 3), np.uint8)
-  assert build.bad_label_values(arr, layout) == []
+  assert examples.bad_label_values(arr, layout) == []
   arr[1, 1] = bad_value
-  assert build.bad_label_values(arr, layout) == [bad_value]
+  assert examples.bad_label_values(arr, layout) == [bad_value]
 
 
 def test_dontcare_value_allowed_where_the_set_has_it():
   arr = np.array([[0, 181, 255]], np.uint8)
-  assert build.bad_label_values(arr, layouts.get_layout('coco_stuff')) == []
+  assert examples.bad_label_values(arr, layouts.get_layout('coco_stuff')) == []
   custom = layouts.custom_layout(5, True, False, 'train')
-  assert build.bad_label_values(arr, custom) == [181]
-  assert build.bad_label_values(
+  assert examples.bad_label_values(arr, custom) == [181]
+  assert examples.bad_label_values(
       arr, layouts.custom_layout(5, False, False, 'train')) == [181, 255]
 
 
@@ -389,28 +408,18 @@ def test_failed_rebuild_keeps_previous_build(tmp_path):
   src, out = tmp_path / 'src', tmp_path / 'out'
   _coco_like(src, 'train', ['a', 'b'], 12, instance=False)
   build.build_dataset('facades', str(src), str(out), splits=['train'])
-  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  folder = pathlib.Path(records.DatasetInfo.load(str(out)).folder)
+  before = {p.name: p.read_bytes() for p in folder.iterdir()}
   (src / 'train_img' / 'a.jpg').write_bytes(b'broken')
   with pytest.raises(build.BuildError, match='a.jpg'):
-    build.build_dataset('facades', str(src), str(out), splits=['train'])
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    build.build_dataset('facades', str(src), str(out), splits=['train'],
+                        overwrite=True)
+  assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+  assert not list(out.glob('.build-*'))
 
 
 # ---------------------------------------------------------------------------
 # Small pieces.
-
-
-def test_resolve_num_shards():
-  assert writer.resolve_num_shards(10, 0) == 1
-  assert writer.resolve_num_shards(10, 300 << 20) == 3
-  assert writer.resolve_num_shards(10, 1 << 40) == 10  # Never > examples.
-  assert writer.resolve_num_shards(10, 0, num_shards=4) == 4
-  assert writer.resolve_num_shards(10, 0, num_shards=40) == 10
-  assert writer.resolve_num_shards(10, 0, examples_per_shard=3) == 4
-  with pytest.raises(ValueError):
-    writer.resolve_num_shards(10, 0, num_shards=2, examples_per_shard=2)
-  with pytest.raises(ValueError):
-    writer.resolve_num_shards(10, 0, num_shards=0)
 
 
 def test_label_colormap_matches_reference_start():

@@ -307,7 +307,7 @@ def test_data_dir_names_the_classes_and_must_match_label_nc(
   assert f'label_nc={label_nc}' in message and str(other) in message
   assert not bad_out.exists()
   # A folder that is no built data set, and a missing one.
-  for folder, text in [(tmp_path, 'dataset_info.json not found'),
+  for folder, text in [(tmp_path, 'is not a built data set folder'),
                        (tmp_path / 'none', 'is not a folder')]:
     with pytest.raises(convert.ConversionError, match=text):
       convert.convert(str(case.directory), str(case.opt_path), str(bad_out),

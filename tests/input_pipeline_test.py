@@ -397,24 +397,64 @@ def test_restore_from_step_equals_uninterrupted_run(blocky_dir):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_processes_get_disjoint_slices_of_the_global_batch(blocky_dir):
+def test_processes_read_disjoint_shares_that_cover_each_epoch(blocky_dir):
+  # 10 train records in 3 shards, 2 processes with 2 records per batch:
+  # each process owns 5 records of every epoch (see data_order).
   config = config_for(batch_size=4)
-  single = take(input_pipeline.create_split(
-      config, str(blocky_dir), 'train', train=True, with_metadata=True,
-      process_index=0, process_count=1), 5)
-  shards = [take(input_pipeline.create_split(
+  shares = [take(input_pipeline.create_split(
       config, str(blocky_dir), 'train', train=True, with_metadata=True,
       process_index=p, process_count=2), 5) for p in range(2)]
-  for step, whole in enumerate(single):
-    parts = [shards[p][step] for p in range(2)]
-    assert all(len(part['file_name']) == 2 for part in parts)
+  for p in range(2):
+    assert all(len(b['file_name']) == 2 for b in shares[p])
+  for epoch in range(2):
+    names = [sum(names_of(shares[p]), [])[5 * epoch:5 * epoch + 5]
+             for p in range(2)]
+    assert not set(names[0]) & set(names[1])
+    assert sorted(names[0] + names[1]) == [f'tr{i:03d}' for i in range(10)]
+    indices = [np.concatenate([b['index'] for b in shares[p]])[
+        5 * epoch:5 * epoch + 5] for p in range(2)]
+    assert sorted(np.concatenate(indices)) == list(
+        range(10 * epoch, 10 * epoch + 10))
+  again = take(input_pipeline.create_split(
+      config, str(blocky_dir), 'train', train=True, with_metadata=True,
+      process_index=1, process_count=2), 5)
+  for a, b in zip(shares[1], again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_process_resumes_its_own_share_exactly(blocky_dir):
+  config = config_for(batch_size=4)
+  full = take(input_pipeline.create_split(
+      config, str(blocky_dir), 'train', train=True, with_metadata=True,
+      process_index=1, process_count=2), 7)
+  for start in (1, 3, 6):  # Inside the first epoch, at its end, the third.
+    resumed = take(input_pipeline.create_split(
+        config, str(blocky_dir), 'train', train=True, with_metadata=True,
+        start_step=start, process_index=1, process_count=2), 7 - start)
+    for a, b in zip(full[start:], resumed):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_one_process_reads_in_the_order_of_two(blocky_dir):
+  config = config_for(batch_size=4, data_order_processes=2)
+  together = take(input_pipeline.create_split(
+      config, str(blocky_dir), 'train', train=True, with_metadata=True,
+      process_index=0, process_count=1), 4)
+  config.data_order_processes = 0
+  shares = [take(input_pipeline.create_split(
+      config, str(blocky_dir), 'train', train=True, with_metadata=True,
+      process_index=p, process_count=2), 4) for p in range(2)]
+  for step, whole in enumerate(together):
     for key in whole:
       np.testing.assert_array_equal(
-          np.concatenate([part[key] for part in parts]), whole[key])
-  seen = [set(np.concatenate([b['index'] for b in shards[p]]))
-          for p in range(2)]
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(20))
+          np.concatenate([shares[p][step][key] for p in range(2)]),
+          whole[key])
+  with pytest.raises(ValueError, match='data_order_processes=3'):
+    input_pipeline.create_split(
+        config_for(batch_size=4, data_order_processes=3), str(blocky_dir),
+        'train', train=True, process_index=0, process_count=2)
 
 
 def test_batch_not_divisible_by_processes_is_an_error(blocky_dir):

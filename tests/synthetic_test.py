@@ -7,11 +7,13 @@ import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from data_pipelines import build
 from data_pipelines import records
 from data_pipelines import scenes
 from data_pipelines import synthetic
+from data_pipelines import tfds_builders
 
 SIZE = 48
 
@@ -21,8 +23,9 @@ def _scenes(n, size=SIZE, seed=0):
                                    size) for i in range(n)]
 
 
-def _shard_bytes(data_dir: pathlib.Path):
-  return {p.name: p.read_bytes() for p in sorted(data_dir.glob('*.tfrecord*'))}
+def _shard_bytes(folder):
+  return {p.name: p.read_bytes()
+          for p in sorted(pathlib.Path(folder).glob('*.tfrecord*'))}
 
 
 def test_class_names_and_colors():
@@ -42,8 +45,8 @@ def test_scene_is_deterministic_per_seed():
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
-  assert synthetic.scene_record(3, 'train', 5, SIZE) == \
-      synthetic.scene_record(3, 'train', 5, SIZE)
+  assert tfds_builders.scene_fields(3, 'train', 5, SIZE) == \
+      tfds_builders.scene_fields(3, 'train', 5, SIZE)
 
 
 def test_scene_shapes_classes_and_instances():
@@ -99,7 +102,7 @@ def test_generation_is_fast():
   scenes.generate_scene(scenes.scene_rng(0, 'train', 0), 96)
   start = time.perf_counter()
   for i in range(20):
-    synthetic.scene_record(0, 'train', i, 96)
+    tfds_builders.scene_fields(0, 'train', i, 96)
   per_scene = (time.perf_counter() - start) / 20
   assert per_scene < 0.05, per_scene
 
@@ -110,73 +113,72 @@ def test_ensure_synthetic_builds_and_is_idempotent(tmp_path):
   assert info.splits == {'train': {'num_examples': 7, 'num_shards': 1},
                          'val': {'num_examples': 3, 'num_shards': 1}}
   assert info.class_names[3] == 'water'
-  first = _shard_bytes(out)
-  mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+  # A tfds build: DATA/spade_synthetic/CONFIG/VERSION.
+  folder = pathlib.Path(info.folder)
+  assert folder.relative_to(out).parts == ('spade_synthetic',
+                                           '7x3_32px_seed1', '1.0.0')
+  first = _shard_bytes(folder)
+  mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
   again = synthetic.ensure_synthetic(str(out), 7, 3, 32, seed=1)
   assert again == info
-  assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+  assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
   # The stored scene is exactly the generated one.
-  paths = records.shard_paths(str(out), 'val', 1)
-  serialized = next(iter(tf.data.TFRecordDataset(paths)))
+  serialized = next(iter(tf.data.TFRecordDataset(info.shard_files('val'))))
   ex = {k: v.numpy() for k, v in records.parse_example(serialized).items()}
+  name = ex['file_name'].decode()
+  index = int(name.split('_')[1])
   image, label, inst = scenes.generate_scene(
-      scenes.scene_rng(1, 'val', 0), 32)
-  assert ex['file_name'] == b'val_000000'
+      scenes.scene_rng(1, 'val', index), 32)
+  assert name.startswith('val_')
   for key, want in (('image', image), ('label', label), ('instance', inst)):
     np.testing.assert_array_equal(
         np.asarray(Image.open(io.BytesIO(ex[key]))), want)
   # Same parameters elsewhere: identical bytes.
-  synthetic.ensure_synthetic(str(tmp_path / 'other'), 7, 3, 32, seed=1)
-  assert _shard_bytes(tmp_path / 'other') == first
+  other = synthetic.ensure_synthetic(str(tmp_path / 'other'), 7, 3, 32,
+                                     seed=1)
+  assert _shard_bytes(other.folder) == first
 
 
-def test_ensure_synthetic_rebuilds_on_other_parameters(tmp_path):
-  out = tmp_path / 'syn'
-  synthetic.ensure_synthetic(str(out), 4, 2, 32, seed=0)
-  before = _shard_bytes(out)
-  info = synthetic.ensure_synthetic(str(out), 5, 2, 32, seed=0)
-  assert info.splits['train']['num_examples'] == 5
-  assert _shard_bytes(out) != before
-  info = synthetic.ensure_synthetic(str(out), 5, 0, 24, seed=0)
-  assert list(info.splits) == ['train']
-  assert not list(out.glob('val.tfrecord*'))  # Stale split removed.
-  params = (out / synthetic.PARAMS_FILE).read_text()
-  assert '"size": 24' in params
+def test_the_build_loads_with_tfds(tmp_path):
+  info = synthetic.ensure_synthetic(str(tmp_path), 6, 2, 32, seed=0)
+  builder = tfds.builder_from_directory(info.folder)
+  ex = next(iter(builder.as_dataset(split='train')))
+  assert ex['image'].shape == (32, 32, 3) and ex['image'].dtype == tf.uint8
+  assert ex['label'].shape == (32, 32, 1) and ex['instance'].dtype == tf.uint16
+  index = int(ex['file_name'].numpy().decode().split('_')[1])
+  _, label, inst = scenes.generate_scene(scenes.scene_rng(0, 'train', index),
+                                         32)
+  np.testing.assert_array_equal(ex['label'].numpy()[..., 0], label)
+  np.testing.assert_array_equal(ex['instance'].numpy()[..., 0], inst)
+  assert builder.info.metadata['spade']['class_names'][0] == 'sky'
 
 
-def test_ensure_synthetic_recovers_from_an_interrupted_build(tmp_path):
-  out = tmp_path / 'syn'
-  synthetic.ensure_synthetic(str(out), 4, 2, 32)
-  good = _shard_bytes(out)
-  # A crash mid-build leaves a hidden temp folder and no info file.
-  (out / records.INFO_FILE).unlink()
-  (out / '.build-deadbeef').mkdir()
-  (out / 'train.tfrecord-00000-of-00001').write_bytes(b'half')
-  info = synthetic.ensure_synthetic(str(out), 4, 2, 32)
-  assert info.splits['train']['num_examples'] == 4
-  assert _shard_bytes(out) == good
-  # A missing shard is noticed too.
-  (out / 'val.tfrecord-00000-of-00001').unlink()
-  synthetic.ensure_synthetic(str(out), 4, 2, 32)
-  assert _shard_bytes(out) == good
+def test_other_parameters_are_another_build(tmp_path):
+  first = synthetic.ensure_synthetic(str(tmp_path), 4, 2, 32, seed=0)
+  before = _shard_bytes(first.folder)
+  second = synthetic.ensure_synthetic(str(tmp_path), 5, 0, 24, seed=0)
+  assert second.splits == {'train': {'num_examples': 5, 'num_shards': 1}}
+  assert second.folder != first.folder
+  assert _shard_bytes(first.folder) == before  # Kept.
 
 
-def test_ensure_synthetic_refuses_to_replace_another_dataset(tmp_path):
-  out = tmp_path / 'data'
-  out.mkdir()
-  records.DatasetInfo('facades', 13, False, False,
-                      {'train': {'num_examples': 1, 'num_shards': 1}}).save(
-                          str(out))
-  with pytest.raises(ValueError, match='facades'):
-    synthetic.ensure_synthetic(str(out), 4, 2, 32)
+def test_an_interrupted_build_is_redone(tmp_path):
+  info = synthetic.ensure_synthetic(str(tmp_path), 4, 2, 32)
+  good = _shard_bytes(info.folder)
+  folder = pathlib.Path(info.folder)
+  # A crash mid-build leaves tfds' incomplete folder and no final one.
+  folder.rename(folder.parent / 'incomplete.deadbeef_1.0.0')
+  again = synthetic.ensure_synthetic(str(tmp_path), 4, 2, 32)
+  assert again.folder == info.folder
+  assert _shard_bytes(again.folder) == good
 
 
 def test_build_dataset_synthetic_entry_point(tmp_path):
   summary = build.build_dataset(
       'synthetic', None, str(tmp_path / 'syn'), synthetic_num_train=6,
-      synthetic_num_val=2, synthetic_size=24, examples_per_shard=4)
+      synthetic_num_val=2, synthetic_size=24, num_shards=2)
   assert {s: (m['examples'], m['shards']) for s, m in summary.items()} == {
-      'train': (6, 2), 'val': (2, 1)}
+      'train': (6, 2), 'val': (2, 2)}
   info = records.DatasetInfo.load(str(tmp_path / 'syn'))
   assert info.dataset == 'synthetic' and info.has_instance
 

@@ -626,8 +626,10 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, straight_run,
 def test_two_processes_match_one_process(tmp_path, data_dir, env):
   """2 processes x 2 CPU devices (gloo on 127.0.0.1) == 1 process x 4.
 
-  Each process reads its half of every global batch from the shared data
-  set. What differs is the order of float32 summations, so the tolerance is
+  Each process reads its own share of the shared data set; the
+  one-process runs read in the order of two processes
+  (config.data_order_processes=2), so all three train on the same batches
+  (a 2 x 2 run resumed by one process is the same). What differs is the order of float32 summations, so the tolerance is
   measured, not tuned: a third run, 1 process x 1 device, sums in yet
   another order, and the 2 x 2 run may differ from the 1 x 4 run by at most
   NOISE_FACTOR x the 1 x 1 run's distance from it (a process that read the
@@ -645,7 +647,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
   """
   changes = dict(num_train_steps=2, checkpoint_every_steps=2,
                  image_every_steps=1000, adam_eps=1.0, lr=0.5,
-                 spade_label_lookup=False, **SHARDING_CONFIG)
+                 spade_label_lookup=False, data_order_processes=2,
+                 **SHARDING_CONFIG)
   config = tiny_config(data_dir=data_dir, **changes)
   address = f'127.0.0.1:{_free_port()}'
   # Four processes on two cores: a generous deadline (about 3 minutes quiet).
