@@ -1,0 +1,227 @@
+"""Asynchronous checkpoints: saves overlap training, file lists, killed saves.
+
+orbax writes a step into STEP.orbax-checkpoint-tmp in background threads and
+renames it to STEP once complete. The tests hold that rename (a patched
+`_on_commit_callback`, released by an event) so that "the save is still
+running" does not depend on how fast the machine is: a save call that waited
+for its files would block until the hold times out and then find the step
+complete, which the tests reject.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from checkpoint_recovery_test import _assert_state_equal
+from checkpoint_recovery_test import _state
+from checkpoint_recovery_test import tiny_config
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+from spade_jax import checkpoints
+from spade_jax import train_state
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+# How long a held rename waits for the test's release at most.
+HOLD_S = 300
+
+
+def _hold_renames(steps, released: threading.Event):
+  """orbax's commit callback, holding the rename of `steps` until released.
+
+  Returns (the patched callback, the events set when each step is held).
+  """
+  original = async_checkpointer._on_commit_callback  # pylint: disable=protected-access
+  held = {step: threading.Event() for step in steps}
+
+  def callback(tmpdir, *args, **kwargs):
+    step = int(tmpdir.get_final().name)
+    if step in held:
+      held[step].set()
+      assert released.wait(timeout=HOLD_S), f'step {step} never released'
+    return original(tmpdir, *args, **kwargs)
+  return callback, held
+
+
+def _listed_files(folder):
+  """The files of a step folder and their sizes, as `record_files` lists."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), folder)
+      if rel != checkpoints.FILES_LIST:
+        files[rel] = os.path.getsize(os.path.join(root, name))
+  return files
+
+
+def _assert_listed(ckpt_dir, step):
+  folder = os.path.join(ckpt_dir, str(step))
+  with open(os.path.join(folder, checkpoints.FILES_LIST)) as f:
+    listed = json.load(f)
+  assert listed == _listed_files(folder), step
+  assert any(name.startswith('state/') for name in listed), listed
+  checkpoints.check_files(folder)
+
+
+_bump_donating = jax.jit(
+    lambda state: jax.tree_util.tree_map(lambda x: x + 1, state),
+    donate_argnums=0)
+
+
+def test_saves_overlap_training_and_each_finished_step_is_listed(
+    tmp_path, monkeypatch):
+  config = tiny_config(keep_checkpoints=2)
+  workdir = str(tmp_path / 'run')
+  ckpt_dir = os.path.join(workdir, train_state.CHECKPOINTS_DIR)
+  released = threading.Event()
+  callback, held = _hold_renames({4}, released)
+  monkeypatch.setattr(async_checkpointer, '_on_commit_callback', callback)
+  mngr = train_state.checkpoint_manager(workdir, config)
+  try:
+    train_state.save_checkpoint(mngr, _state(config, 2), config)
+    # Own buffers (as a train step's output has): donated below.
+    state = jax.tree_util.tree_map(lambda x: x.copy(), _state(config, 4))
+    train_state.save_checkpoint(mngr, state, config)
+    # The call returned while step 4 is still being written (its rename is
+    # held); orbax waited for step 2 first, which now has its file list.
+    assert held[4].wait(timeout=HOLD_S)
+    assert not released.is_set()
+    assert mngr.is_saving_in_progress()
+    assert os.path.isdir(
+        os.path.join(ckpt_dir, '4' + checkpoints.UNFINISHED_MARK))
+    assert not os.path.exists(os.path.join(ckpt_dir, '4'))
+    _assert_listed(ckpt_dir, 2)
+    # Training goes on meanwhile and donates the state's buffers.
+    for _ in range(3):
+      state = _bump_donating(state)
+    jax.block_until_ready(state)
+    released.set()
+    # The next save waits for step 4, lists it, and deletes step 2
+    # (keep_checkpoints=2) only once step 6 is complete.
+    train_state.save_checkpoint(mngr, _state(config, 6), config)
+    _assert_listed(ckpt_dir, 4)
+  finally:
+    released.set()
+    mngr.close()
+  assert sorted(os.listdir(ckpt_dir)) == ['4', '6']
+  for step in (4, 6):
+    _assert_listed(ckpt_dir, step)
+  # Step 4 holds the state as it was when saved, not the donated updates.
+  restored, step = train_state.read_checkpoint(workdir, config, step=4)
+  assert step == 4
+  _assert_state_equal(restored, _state(config, 4))
+
+
+def test_restore_waits_for_a_save_of_the_same_manager(tmp_path, monkeypatch):
+  config = tiny_config()
+  workdir = str(tmp_path / 'run')
+  released = threading.Event()
+  callback, held = _hold_renames({3}, released)
+  monkeypatch.setattr(async_checkpointer, '_on_commit_callback', callback)
+  mngr = train_state.checkpoint_manager(workdir, config)
+  try:
+    train_state.save_checkpoint(mngr, _state(config, 3), config)
+    assert held[3].wait(timeout=HOLD_S)
+    threading.Timer(0.5, released.set).start()
+    state = train_state.restore_checkpoint(mngr, _state(config, 0), config)
+  finally:
+    released.set()
+    mngr.close()
+  _assert_state_equal(state, _state(config, 3))
+  _assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 3)
+
+
+def _killed_worker(workdir):
+  """Saves step 2, then starts saving step 4 and hangs before its rename
+  (the test kills this process there)."""
+  config = tiny_config()
+  never = threading.Event()
+  callback, held = _hold_renames({4}, never)
+  async_checkpointer._on_commit_callback = callback  # pylint: disable=protected-access
+  mngr = train_state.checkpoint_manager(workdir, config)
+  train_state.save_checkpoint(mngr, _state(config, 2), config)
+  train_state.save_checkpoint(mngr, _state(config, 4), config)
+  assert held[4].wait(timeout=HOLD_S)
+  print('SAVING 4', flush=True)
+  time.sleep(HOLD_S)
+
+
+def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
+    tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  ckpt_dir = os.path.join(workdir, train_state.CHECKPOINTS_DIR)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONPATH=os.pathsep.join([REPO_DIR, TESTS_DIR] + [
+                 p for p in [os.environ.get('PYTHONPATH')] if p]))
+  env.pop('XLA_FLAGS', None)
+  log = tmp_path / 'worker.log'
+  with open(log, 'w') as err:
+    proc = subprocess.Popen(
+        [sys.executable, '-c', 'import async_checkpoint_test as t; '
+         f't._killed_worker({workdir!r})'], env=env, cwd=REPO_DIR,
+        stdout=subprocess.PIPE, stderr=err, text=True)
+  try:
+    line = proc.stdout.readline()  # Blocks until step 4 is being saved.
+    assert line.strip() == 'SAVING 4', log.read_text()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  partial = '4' + checkpoints.UNFINISHED_MARK
+  assert sorted(os.listdir(ckpt_dir)) == ['2', partial]
+  _assert_listed(ckpt_dir, 2)
+  # Readers see step 2 and leave the partial folder alone.
+  config = tiny_config()
+  state, step = train_state.read_checkpoint(workdir, config)
+  assert step == 2
+  _assert_state_equal(state, _state(config, 2))
+  assert os.path.isdir(os.path.join(ckpt_dir, partial))
+  # Training sets it aside (nothing deleted), resumes from step 2 and can
+  # write step 4 again.
+  with caplog.at_level('WARNING'):
+    mngr = train_state.checkpoint_manager(workdir, config)
+  moved = os.path.join(workdir, checkpoints.DAMAGED_DIR, partial)
+  assert os.path.isdir(moved)
+  warnings = ' '.join(r.getMessage() for r in caplog.records)
+  assert os.path.join(ckpt_dir, partial) in warnings and moved in warnings
+  try:
+    assert mngr.all_steps() == [2]
+    state = train_state.restore_checkpoint(mngr, _state(config, 0), config,
+                                           set_aside_damaged=True)
+    assert int(state.step) == 2
+    train_state.save_checkpoint(mngr, _state(config, 4), config)
+  finally:
+    mngr.close()
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']
+  _assert_listed(ckpt_dir, 4)
+  np.testing.assert_array_equal(
+      jax.device_get(train_state.read_checkpoint(workdir, config)[0].rng),
+      jax.device_get(_state(config, 4).rng))
+
+
+def test_an_error_during_training_waits_for_the_save_under_way(
+    tmp_path, monkeypatch):
+  """train.py's exit path: the save in flight finishes (and is listed)
+  while the error propagates."""
+  from spade_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  workdir = str(tmp_path / 'run')
+  released = threading.Event()
+  callback, held = _hold_renames({5}, released)
+  monkeypatch.setattr(async_checkpointer, '_on_commit_callback', callback)
+  mngr = train_state.checkpoint_manager(workdir, config)
+  with pytest.raises(RuntimeError, match='step 6 failed'):
+    with train._closing(mngr):  # pylint: disable=protected-access
+      train_state.save_checkpoint(mngr, _state(config, 5), config)
+      assert held[5].wait(timeout=HOLD_S)
+      threading.Timer(0.5, released.set).start()
+      raise RuntimeError('step 6 failed')
+  _assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 5)
