@@ -44,6 +44,7 @@ def _hold_renames(steps, released: threading.Event):
     step = int(tmpdir.get_final().name)
     if step in held:
       held[step].set()
+      print(f'HELD {step}', flush=True)  # For a parent process.
       assert released.wait(timeout=HOLD_S), f'step {step} never released'
     return original(tmpdir, *args, **kwargs)
   return callback, held
@@ -60,7 +61,8 @@ def _listed_files(folder):
   return files
 
 
-def _assert_listed(ckpt_dir, step):
+def assert_listed(ckpt_dir, step):
+  """Step `step` of `ckpt_dir` has a file list naming all its files."""
   folder = os.path.join(ckpt_dir, str(step))
   with open(os.path.join(folder, checkpoints.FILES_LIST)) as f:
     listed = json.load(f)
@@ -96,7 +98,7 @@ def test_saves_overlap_training_and_each_finished_step_is_listed(
     assert os.path.isdir(
         os.path.join(ckpt_dir, '4' + checkpoints.UNFINISHED_MARK))
     assert not os.path.exists(os.path.join(ckpt_dir, '4'))
-    _assert_listed(ckpt_dir, 2)
+    assert_listed(ckpt_dir, 2)
     # Training goes on meanwhile and donates the state's buffers.
     for _ in range(3):
       state = _bump_donating(state)
@@ -105,13 +107,13 @@ def test_saves_overlap_training_and_each_finished_step_is_listed(
     # The next save waits for step 4, lists it, and deletes step 2
     # (keep_checkpoints=2) only once step 6 is complete.
     train_state.save_checkpoint(mngr, _state(config, 6), config)
-    _assert_listed(ckpt_dir, 4)
+    assert_listed(ckpt_dir, 4)
   finally:
     released.set()
     mngr.close()
   assert sorted(os.listdir(ckpt_dir)) == ['4', '6']
   for step in (4, 6):
-    _assert_listed(ckpt_dir, step)
+    assert_listed(ckpt_dir, step)
   # Step 4 holds the state as it was when saved, not the donated updates.
   restored, step = train_state.read_checkpoint(workdir, config, step=4)
   assert step == 4
@@ -134,7 +136,7 @@ def test_restore_waits_for_a_save_of_the_same_manager(tmp_path, monkeypatch):
     released.set()
     mngr.close()
   _assert_state_equal(state, _state(config, 3))
-  _assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 3)
+  assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 3)
 
 
 def _killed_worker(workdir):
@@ -150,6 +152,17 @@ def _killed_worker(workdir):
   assert held[4].wait(timeout=HOLD_S)
   print('SAVING 4', flush=True)
   time.sleep(HOLD_S)
+
+
+def run_main_holding(step, argv):
+  """Runs `python -m spade_jax.main ARGV` whose save of `step` never
+  finishes (its rename is held; it prints HELD STEP then)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from spade_jax import main  # pylint: disable=g-import-not-at-top
+  callback, _ = _hold_renames({step}, threading.Event())
+  async_checkpointer._on_commit_callback = callback  # pylint: disable=protected-access
+  sys.argv = ['spade_jax.main'] + list(argv)  # config_flags reads sys.argv.
+  app.run(main.main)
 
 
 def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
@@ -177,7 +190,7 @@ def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
       proc.wait()
   partial = '4' + checkpoints.UNFINISHED_MARK
   assert sorted(os.listdir(ckpt_dir)) == ['2', partial]
-  _assert_listed(ckpt_dir, 2)
+  assert_listed(ckpt_dir, 2)
   # Readers see step 2 and leave the partial folder alone.
   config = tiny_config()
   state, step = train_state.read_checkpoint(workdir, config)
@@ -201,7 +214,7 @@ def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
   finally:
     mngr.close()
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4']
-  _assert_listed(ckpt_dir, 4)
+  assert_listed(ckpt_dir, 4)
   np.testing.assert_array_equal(
       jax.device_get(train_state.read_checkpoint(workdir, config)[0].rng),
       jax.device_get(_state(config, 4).rng))
@@ -224,4 +237,4 @@ def test_an_error_during_training_waits_for_the_save_under_way(
       assert held[5].wait(timeout=HOLD_S)
       threading.Timer(0.5, released.set).start()
       raise RuntimeError('step 6 failed')
-  _assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 5)
+  assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 5)
