@@ -108,6 +108,7 @@ class Manager(ocp.CheckpointManager):
         if (step in finished and os.path.isdir(folder) and
             jax.process_index() == 0):
           record_files(folder)
+          logging.info('Checkpoint at step %d complete: %s', step, folder)
 
 
 def set_aside_unfinished(directory: str) -> List[str]:

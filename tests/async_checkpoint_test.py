@@ -10,6 +10,7 @@ complete, which the tests reject.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from checkpoint_recovery_test import _state
 from checkpoint_recovery_test import tiny_config
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 from spade_jax import checkpoints
+from spade_jax import sharding
 from spade_jax import train_state
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -139,19 +141,25 @@ def test_restore_waits_for_a_save_of_the_same_manager(tmp_path, monkeypatch):
   assert_listed(os.path.join(workdir, train_state.CHECKPOINTS_DIR), 3)
 
 
+def _env():
+  """Subprocesses: CPU, one device, this checkout and tests importable."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONPATH=os.pathsep.join([REPO_DIR, TESTS_DIR] + [
+                 p for p in [os.environ.get('PYTHONPATH')] if p]))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
 def _killed_worker(workdir):
   """Saves step 2, then starts saving step 4 and hangs before its rename
   (the test kills this process there)."""
   config = tiny_config()
-  never = threading.Event()
-  callback, held = _hold_renames({4}, never)
+  callback, _ = _hold_renames({4}, threading.Event())
   async_checkpointer._on_commit_callback = callback  # pylint: disable=protected-access
   mngr = train_state.checkpoint_manager(workdir, config)
   train_state.save_checkpoint(mngr, _state(config, 2), config)
   train_state.save_checkpoint(mngr, _state(config, 4), config)
-  assert held[4].wait(timeout=HOLD_S)
-  print('SAVING 4', flush=True)
-  time.sleep(HOLD_S)
+  time.sleep(HOLD_S)  # The held rename prints HELD 4.
 
 
 def run_main_holding(step, argv):
@@ -169,10 +177,7 @@ def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
     tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   ckpt_dir = os.path.join(workdir, train_state.CHECKPOINTS_DIR)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=os.pathsep.join([REPO_DIR, TESTS_DIR] + [
-                 p for p in [os.environ.get('PYTHONPATH')] if p]))
-  env.pop('XLA_FLAGS', None)
+  env = _env()
   log = tmp_path / 'worker.log'
   with open(log, 'w') as err:
     proc = subprocess.Popen(
@@ -181,7 +186,7 @@ def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
         stdout=subprocess.PIPE, stderr=err, text=True)
   try:
     line = proc.stdout.readline()  # Blocks until step 4 is being saved.
-    assert line.strip() == 'SAVING 4', log.read_text()[-3000:]
+    assert line.strip() == 'HELD 4', log.read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
   finally:
@@ -218,6 +223,62 @@ def test_a_process_killed_mid_save_resumes_from_the_newest_complete_step(
   np.testing.assert_array_equal(
       jax.device_get(train_state.read_checkpoint(workdir, config)[0].rng),
       jax.device_get(_state(config, 4).rng))
+
+
+def _two_process_worker(address, process_id, workdir):
+  """One of 2 processes (1 CPU device each, gloo): saves steps 2 and 4 of a
+  state replicated over both, restores the newest."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+  config = tiny_config()
+  mesh = sharding.make_mesh(config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  mngr = train_state.checkpoint_manager(workdir, config)
+  def global_state(step):  # The same values on both processes.
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(
+            x.shape, replicated, lambda index, x=np.asarray(x): x[index]),
+        _state(config, step))
+  for step in (2, 4):
+    train_state.save_checkpoint(mngr, global_state(step), config)
+  state = train_state.restore_checkpoint(mngr, _state(config, 0), config,
+                                         mesh)
+  mngr.close()
+  assert int(state.step) == 4
+  np.testing.assert_array_equal(
+      np.asarray(state.rng.addressable_data(0)),
+      np.asarray(_state(config, 4).rng))
+  print('OK', flush=True)
+
+
+def test_two_processes_save_asynchronously(tmp_path):
+  """Process 0 sets an unfinished folder aside while process 1 waits;
+  process 0 lists each step once both processes finished writing it."""
+  workdir = str(tmp_path / 'run')
+  ckpt_dir = os.path.join(workdir, train_state.CHECKPOINTS_DIR)
+  partial = '6' + checkpoints.UNFINISHED_MARK
+  os.makedirs(os.path.join(ckpt_dir, partial))
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{sock.getsockname()[1]}'
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', 'import async_checkpoint_test as t; '
+       f't._two_process_worker({address!r}, {i}, {workdir!r})'],
+      env=_env(), cwd=REPO_DIR, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0 and 'OK' in out, err[-5000:]
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']
+  assert os.path.isdir(os.path.join(workdir, checkpoints.DAMAGED_DIR,
+                                    partial))
+  for step in (2, 4):
+    assert_listed(ckpt_dir, step)
 
 
 def test_an_error_during_training_waits_for_the_save_under_way(
