@@ -25,6 +25,11 @@ dense fallback, in `flops_per_step`).
   --variants=dense,sparse  compiles both and alternates their timed steps in
                            one process (the same load for both); one record
                            each, with `variant`.
+  --save_every=K           train mode: saves a checkpoint after every K-th
+                           timed step with training's own manager and save
+                           function (asynchronous, into a temporary folder);
+                           reports the median normal step, the median save
+                           step and their ratio (`save_step_ratio`).
 
 Compilation is timed separately (`compile_s`, via
 jit(...).lower().compile()), `warmup` untimed steps follow, then `steps` timed
@@ -112,6 +117,10 @@ def define_flags() -> None:
   flags.DEFINE_bool('one_epoch', False, 'input mode: read one epoch of the '
                     'process\'s batches (bytes_read over it) instead of '
                     '--warmup + --steps.')
+  flags.DEFINE_integer(
+      'save_every', 0, 'train mode: save a checkpoint after every K-th timed '
+      'step (training\'s checkpoint manager and save function, into a '
+      'temporary folder) and report the save steps beside the normal ones.')
   flags.DEFINE_string(
       'workdir', None, 'Where the synthetic data set is generated when '
       'config.data_dir is empty (input mode; default: a folder under the '
@@ -324,6 +333,7 @@ class Prepared:
   images_per_step: int
   info: Dict[str, Any]  # compile_timed's figures (without the executable)
   extra: Dict[str, Any]  # init_s, label statistics, ...
+  state: Optional[Dict[str, Any]] = None  # train: {'state': the current}
 
 
 def sparse_branch_flops(config, lower: Callable[[Any], Any],
@@ -372,7 +382,8 @@ def prepare_train(config: ml_collections.ConfigDict,
     jax.block_until_ready((holder['state'], metrics))
 
   return Prepared(step, config.batch_size, info,
-                  {'init_s': init_s, **label_statistics(config, host_batch)})
+                  {'init_s': init_s, **label_statistics(config, host_batch)},
+                  state=holder)
 
 
 def prepare_generate(config: ml_collections.ConfigDict,
@@ -426,6 +437,91 @@ def benchmark_generate(config: ml_collections.ConfigDict,
   prepared = prepare_generate(config, options)
   return timed_record(prepared, time_steps(prepared.step, options.steps,
                                            options.warmup))
+
+
+def benchmark_train_saving(config: ml_collections.ConfigDict,
+                           options: Options,
+                           save_every: int) -> Dict[str, Any]:
+  """Times training steps with a checkpoint saved after every `save_every`-th.
+
+  The saves go through training's own code (`train_state.checkpoint_manager`,
+  `train_state.save_checkpoint`: asynchronous, config.keep_checkpoints kept)
+  into a temporary workdir, deleted afterwards. A save step is the train
+  step plus the save call (orbax copies the state to host memory and writes
+  it in the background, while the next steps run); one save during the
+  warmup (finished before timing) keeps orbax's first-use costs out.
+  `ms_per_step_*` are the normal steps, `ms_per_save_step_*` the save steps;
+  `save_step_ratio` = median save step / median normal step;
+  `ms_per_step_after_save_median` the normal steps right after a save, which
+  run beside most of its writing.
+  """
+  if not 2 <= save_every <= options.steps:
+    raise ValueError(f'--save_every={save_every}: expected 2 to --steps '
+                     f'({options.steps}), so that some steps save and some '
+                     'do not.')
+  prepared = prepare_train(config, options)
+  holder = prepared.state
+  normal, saving, calls = Timings([], []), Timings([], []), []
+  after_save = []  # Wall time of the step after each save (beside its write).
+  with tempfile.TemporaryDirectory(prefix='spade_jax_saves_') as workdir:
+    mngr = train_state.checkpoint_manager(workdir, config)
+    try:
+      for _ in range(options.warmup):
+        prepared.step()
+      if options.warmup:
+        train_state.save_checkpoint(mngr, holder['state'], config)
+        mngr.wait_until_finished()
+      for i in range(1, options.steps + 1):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        prepared.step()
+        timing = normal
+        if i % save_every == 0:
+          call_start = time.perf_counter()
+          train_state.save_checkpoint(mngr, holder['state'], config)
+          calls.append(time.perf_counter() - call_start)
+          timing = saving
+        timing.wall.append(time.perf_counter() - start)
+        timing.cpu.append(time.process_time() - start_cpu)
+        if i % save_every == 1 and i > 1:
+          after_save.append(timing.wall[-1])
+      start = time.perf_counter()
+      mngr.wait_until_finished()
+      final_wait = time.perf_counter() - start
+      last = os.path.join(workdir, train_state.CHECKPOINTS_DIR,
+                          str(mngr.latest_step()))
+      checkpoint_bytes = sum(os.path.getsize(os.path.join(root, name))
+                             for root, _, names in os.walk(last)
+                             for name in names)
+    finally:
+      mngr.close()
+  record = timed_record(prepared, normal)
+  saves = summarize(saving, prepared.images_per_step)
+  record.update(
+      save_every=save_every, save_steps=len(saving.wall),
+      ms_per_save_step_median=saves['ms_per_step_median'],
+      ms_per_save_step_min=saves['ms_per_step_min'],
+      ms_per_save_step_max=saves['ms_per_step_max'],
+      cpu_ms_per_save_step_median=saves['cpu_ms_per_step_median'],
+      ms_save_call_median=1000.0 * statistics.median(calls),
+      ms_per_step_after_save_median=(1000.0 * statistics.median(after_save)
+                                     if after_save else None),
+      save_step_ratio=(saves['ms_per_step_median'] /
+                       record['ms_per_step_median']),
+      ms_final_wait=1000.0 * final_wait,
+      checkpoint_bytes=checkpoint_bytes,
+      keep_checkpoints=config.keep_checkpoints)
+  return record
+
+
+def run_saving(config: ml_collections.ConfigDict, workdir: str,
+               save_every: int, steps: int = 10, warmup: int = 2,
+               random_vgg_for_timing: bool = False) -> Dict[str, Any]:
+  """`run('train', ...)` saving a checkpoint every `save_every` steps."""
+  check_run_args('train', steps, warmup)
+  options = Options(workdir, steps, warmup, random_vgg_for_timing)
+  record = {'mode': 'train'}
+  record.update(benchmark_train_saving(config, options, save_every))
+  return finish_record(record, config, random_vgg_for_timing)
 
 
 def bytes_read() -> int:
@@ -636,6 +732,10 @@ def format_table(record: Dict[str, Any]) -> str:
           ('  (from)', record['peak_memory_source'])]
   if record.get('variant'):
     rows.insert(1, ('variant', record['variant']))
+  if record.get('save_every'):
+    rows.append((f"save step median (every {record['save_every']})",
+                 record['ms_per_save_step_median']))
+    rows.append(('save step / step', record['save_step_ratio']))
   if record.get('flops_per_step_sparse_branch'):
     rows.append(('GFLOP/step, sparse branch',
                  record['flops_per_step_sparse_branch'] / 1e9))
@@ -666,7 +766,13 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(tempfile.gettempdir(),
                                           'spade_jax_benchmark')
   try:
-    if FLAGS.variants:
+    if FLAGS.save_every:
+      if FLAGS.mode != 'train' or FLAGS.variants:
+        raise ValueError('--save_every needs --mode=train (without '
+                         '--variants).')
+      recs = [run_saving(FLAGS.config, workdir, FLAGS.save_every, FLAGS.steps,
+                         FLAGS.warmup, FLAGS.random_vgg_for_timing)]
+    elif FLAGS.variants:
       recs = run_variants(FLAGS.mode, FLAGS.config, workdir, FLAGS.variants,
                           FLAGS.steps, FLAGS.warmup,
                           FLAGS.random_vgg_for_timing)

@@ -1,7 +1,15 @@
-"""Restoring training checkpoints that may be damaged.
+"""Training checkpoints on disk: asynchronous saves, file lists, recovery.
 
-A training workdir keeps orbax checkpoints in WORKDIR/checkpoints/STEP. A
-step folder can be damaged (a file lost or emptied by a full disk, a copy cut
+A training workdir keeps orbax checkpoints in WORKDIR/checkpoints/STEP.
+`Manager` is orbax's CheckpointManager saving asynchronously: `save` returns
+once the state is copied off the devices, orbax writes the files in
+background threads into STEP.orbax-checkpoint-tmp and renames that folder to
+STEP when they are complete (a process killed before the rename leaves only
+the tmp folder, which orbax does not list as a step; `set_aside_unfinished`
+moves it away). Once a step's save has finished, `Manager` writes the step's
+file list (`record_files`).
+
+A step folder can be damaged (a file lost or emptied by a full disk, a copy cut
 short, ...), and orbax then fails deep inside TensorStore or its JSON reader
 with a message that names no checkpoint. `restore_newest` tries the newest
 step first and falls back to the newest one that restores, with a warning
@@ -18,12 +26,15 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import uuid
 
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
 
 # Where training moves damaged step folders: WORKDIR/DAMAGED_DIR/STEP.
 DAMAGED_DIR = 'damaged_checkpoints'
 # In each step folder: its files and their sizes (`record_files`).
 FILES_LIST = 'spade_jax_files.json'
+# In the name of a step folder orbax has not finished writing.
+UNFINISHED_MARK = ocp.utils.TMP_DIR_SUFFIX
 
 
 class CheckpointError(ValueError):
@@ -60,6 +71,69 @@ def record_files(folder: str) -> None:
   with open(tmp, 'w') as f:
     json.dump(files, f, indent=0, sort_keys=True)
   os.replace(tmp, os.path.join(folder, FILES_LIST))
+
+
+class Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager, which also lists the files of its steps.
+
+  Saves are asynchronous (orbax's default): `save` returns once the state is
+  copied to host memory and writes the files in the background; orbax's next
+  `save` first waits for the previous one, and steps beyond `max_to_keep` are
+  deleted only after the new step is complete. Each time this manager has
+  waited for its saves (at the start of the next `save`, in
+  `wait_until_finished` and `close`), process 0 writes the file list of each
+  step it saved since (`record_files`); a step whose save failed is not
+  listed (orbax drops it).
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._unlisted = []  # Steps saved (maybe still being written), no list.
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._unlisted.append(step)
+    return saved
+
+  def wait_until_finished(self) -> None:
+    try:
+      super().wait_until_finished()
+    finally:
+      # Even when the save failed: the steps that did finish get a list.
+      unlisted, self._unlisted = self._unlisted, []
+      finished = set(self.all_steps())
+      for step in unlisted:
+        folder = step_folder(self, step)
+        if (step in finished and os.path.isdir(folder) and
+            jax.process_index() == 0):
+          record_files(folder)
+          logging.info('Checkpoint at step %d complete: %s', step, folder)
+
+
+def set_aside_unfinished(directory: str) -> List[str]:
+  """Moves the step folders orbax did not finish writing to
+  WORKDIR/damaged_checkpoints/ (a process killed mid-save leaves them); the
+  new paths. Call it before saving (process 0, nothing being saved)."""
+  if not os.path.isdir(directory):
+    return []
+  target_dir = os.path.join(os.path.dirname(directory), DAMAGED_DIR)
+  moved = []
+  for name in sorted(os.listdir(directory)):
+    source = os.path.join(directory, name)
+    if UNFINISHED_MARK not in name or not os.path.isdir(source):
+      continue
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, name)
+    if os.path.exists(target):
+      target += f'-{uuid.uuid4().hex[:8]}'
+    os.rename(source, target)
+    logging.warning(
+        'Moved %s, a checkpoint whose save did not finish (the process '
+        'stopped while writing it), to %s; it cannot be restored and can be '
+        'deleted.', source, target)
+    moved.append(target)
+  return moved
 
 
 def check_files(folder: str) -> None:

@@ -9,7 +9,11 @@ BatchNorm statistics are global across devices (and processes). The state is
 two flax TrainStates, G's and D's, each with its optimiser
 (`train_state.py`). The loop's periodic work (logging, sample images and the
 colour error, FID, checkpoints) runs as clu periodic actions after each step.
+Checkpoints are saved asynchronously (`checkpoints.Manager`): the loop waits
+for a save only at the next save and before exiting (at the end, after the
+final checkpoint of a SIGTERM / SIGINT, on an error).
 """
+import contextlib
 import functools
 import os
 import signal
@@ -337,6 +341,23 @@ def _periodic_work(config, num_steps, metrics, previews):
 # ---------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _closing(mngr):
+  """Closes the checkpoint manager on the way out, which waits for the
+  checkpoint being saved. When an error propagates, a failure of that save
+  is logged rather than raised over it."""
+  try:
+    yield
+  except BaseException:
+    try:
+      mngr.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception('The checkpoint being saved when training stopped '
+                        'with an error could not be finished.')
+    raise
+  mngr.close()
+
+
 def _initial_state(config, workdir, mesh, steps_per_epoch):
   """A new state, the newest checkpoint's, or config.init_from's; the
   checkpoint manager."""
@@ -404,7 +425,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   actions = _periodic_work(config, num_steps, metrics, previews)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                            writer=writer)
-  with _StopRequest() as stop, metric_writers.ensure_flushes(writer):
+  # Checkpoints are saved in the background: on the way out, the last one is
+  # waited for before SIGTERM's handler is removed (a second one meanwhile
+  # is only logged).
+  with _StopRequest() as stop, metric_writers.ensure_flushes(writer), \
+      _closing(mngr):
     if start == 0 and previews is not None:
       previews.samples_and_error(0, 0.0, state)
     for step in range(start + 1, num_steps + 1):
@@ -419,5 +444,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         logging.warning('Stopped at step %d on request; run the same command '
                         'again to resume.', step)
         break
-  mngr.close()
   return state

@@ -336,23 +336,39 @@ def load_inference_variables(
   return config, inference_variables(state, use_ema), step
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, config) -> checkpoints.Manager:
+  """The manager training saves WORKDIR/checkpoints/ with.
+
+  Saves are asynchronous (`checkpoints.Manager`): `save_checkpoint` returns
+  while the files are written; `close()` (or `wait_until_finished()`) waits
+  for them. Folders an earlier process did not finish saving (it was killed
+  mid-save) are moved to WORKDIR/damaged_checkpoints/ first.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  if jax.process_index() == 0:
+    checkpoints.set_aside_unfinished(directory)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('unfinished checkpoints set aside')
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                         create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir),
-                                            CHECKPOINTS_DIR), options=options)
+                                         create=True,
+                                         enable_async_checkpointing=True)
+  return checkpoints.Manager(directory, options=options)
 
 
 def save_checkpoint(mngr, state: TrainState, config) -> None:
+  """Starts saving `state` at its step; returns before the files are written.
+
+  orbax copies the state to host memory first, so the caller may go on
+  updating (and donating) it. The previous save is waited for first (by
+  orbax); the step's file list is written once its save has finished (see
+  `checkpoints.Manager`).
+  """
   step = int(jax.device_get(state.step))
   meta = {'step': step, 'examples_seen': step * config.batch_size,
           'global_batch_size': config.batch_size, 'seed': config.seed}
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)))
-  mngr.wait_until_finished()
-  if jax.process_index() == 0:
-    checkpoints.record_files(checkpoints.step_folder(mngr, step))
-  logging.info('Saved checkpoint at step %d', step)
+  logging.info('Saving checkpoint at step %d (in the background)', step)
 
 
 def restore_checkpoint(mngr, state: TrainState, config,
@@ -373,6 +389,7 @@ def restore_checkpoint(mngr, state: TrainState, config,
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       state)
+  mngr.wait_until_finished()  # A save of this manager may be under way.
   check_layout(mngr)
   restored, step, damaged = checkpoints.restore_newest(
       mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(

@@ -166,6 +166,26 @@ def test_train_mode_record(tmp_path):
   assert not record['random_vgg_for_timing']
 
 
+def test_train_mode_saving_every_k_steps(tmp_path):
+  benchmark = load_benchmark()
+  with pytest.raises(ValueError, match='save_every=1'):
+    benchmark.run_saving(tiny_model_config(), str(tmp_path), 1, steps=4)
+  record = benchmark.run_saving(tiny_model_config(), str(tmp_path), 2,
+                                steps=4, warmup=1)
+  assert record['mode'] == 'train' and record['save_every'] == 2
+  assert record['save_steps'] == 2 and record['steps'] == 2  # Normal steps.
+  assert 0 < record['ms_save_call_median'] <= record[
+      'ms_per_save_step_max']
+  assert record['save_step_ratio'] == pytest.approx(
+      record['ms_per_save_step_median'] / record['ms_per_step_median'])
+  assert record['checkpoint_bytes'] > 0 and record['ms_final_wait'] >= 0
+  assert record['ms_per_step_after_save_median'] > 0  # Step 3.
+  json.dumps(record)
+  table = benchmark.format_table(record)
+  assert 'save step median (every 2)' in table
+  assert 'save step / step' in table
+
+
 def test_generate_mode_record(tmp_path):
   benchmark = load_benchmark()
   record = benchmark.run('generate', tiny_model_config(), str(tmp_path),

@@ -23,6 +23,7 @@ import optax
 import pytest
 import tensorflow as tf
 
+from async_checkpoint_test import assert_listed
 from configs import default
 from data_pipelines import scenes
 from data_pipelines import synthetic
@@ -582,6 +583,8 @@ def test_main_writes_events_images_and_checkpoints(straight_run):
       os.path.join(workdir, 'checkpoints', '*')) if
                  os.path.basename(p).isdigit())
   assert steps == [4, 8]
+  for step in steps:  # Saved in the background, listed once finished.
+    assert_listed(os.path.join(workdir, 'checkpoints'), step)
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['crop_size'] == 32
   assert 'ETA' in proc.stderr
@@ -613,10 +616,53 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, straight_run,
   config = tiny_config(data_dir=data_dir)
   stopped_at, _ = _final_state(workdir, config)
   assert 2 <= stopped_at < 8, ''.join(log)[-3000:]
+  # The stop checkpoint was finished (and listed) before the process exited.
+  assert_listed(os.path.join(workdir, 'checkpoints'), stopped_at)
   assert 'Stopped at step' in ''.join(log)
   # The same command again resumes and finishes.
   proc = _run(cmd, env)
   assert f'Resumed from step {stopped_at}' in proc.stderr
+  final_step, resumed = _final_state(workdir, config)
+  straight_step, straight = _final_state(straight_dir, config)
+  assert final_step == straight_step == 8
+  _assert_trees_equal(resumed, straight)  # Bit-identical.
+
+
+def test_killed_mid_save_resumes_from_the_newest_complete_step(
+    tmp_path, straight_run, data_dir, env):
+  """SIGKILL while step 4 is being saved (its final rename held): the rerun
+  sets the partial folder aside, resumes from step 2 and ends where the
+  straight run does."""
+  straight_dir, _ = straight_run
+  workdir = tmp_path / 'killed'
+  cmd = _main_cmd(workdir, data_dir, num_train_steps=8,
+                  checkpoint_every_steps=2, image_every_steps=1000)
+  log = tmp_path / 'killed.log'
+  with open(log, 'w') as err:
+    proc = subprocess.Popen(
+        [sys.executable, '-c', 'import async_checkpoint_test as t; '
+         f't.run_main_holding(4, {cmd[3:]!r})'], env=env, cwd=REPO_DIR,
+        stdout=subprocess.PIPE, stderr=err, text=True)
+  try:
+    line = proc.stdout.readline()  # Once step 4 is written but not renamed.
+    assert line.strip() == 'HELD 4', log.read_text()[-5000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  partial = '4.orbax-checkpoint-tmp'
+  assert sorted(os.listdir(ckpt_dir)) == ['2', partial]
+  assert_listed(ckpt_dir, 2)
+  proc = _run(cmd, env)
+  assert 'Resumed from step 2' in proc.stderr, proc.stderr[-3000:]
+  assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', partial))
+  assert sorted(os.listdir(ckpt_dir)) == ['4', '6', '8']  # keep 3
+  for step in (4, 6, 8):
+    assert_listed(ckpt_dir, step)
+  config = tiny_config(data_dir=data_dir)
   final_step, resumed = _final_state(workdir, config)
   straight_step, straight = _final_state(straight_dir, config)
   assert final_step == straight_step == 8
