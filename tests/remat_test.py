@@ -4,8 +4,8 @@ One full training iteration (`train.compile_train_step`, G then D update)
 with remat 'blocks' equals the one with 'none' to float32 rounding: the
 losses, the updated parameters and the updated BatchNorm / spectral-norm
 statistics. The rounding noise is measured in the same test, as the
-sharding tests do: the 'none' step on the images moved by one ulp and on
-the batch in another order (other summation orders).
+sharding tests do: the 'none' step on the images or the generator's
+initial parameters moved by one ulp, and on the batch in another order.
 """
 import jax
 import numpy as np
@@ -26,28 +26,29 @@ def _config(remat):
       remat=remat, **{**train_test.SHARDING_CONFIG, 'batch_size': 4})
 
 
-def _one_step(config, batches):
-  """One compiled train step from the initial state per batch: what the
-  step changed in each state group (final minus initial) and the losses."""
+def _one_step(config, runs):
+  """One compiled train step per (batch, perturb_init) of `runs`, each from
+  the initial state (perturb_init applied, when given): what the step
+  changed in each state group (final minus initial) and the losses."""
   mesh = sharding.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Plain SGD, as the sharding tests: Adam would turn gradients that are
   # zero up to rounding into +-lr steps.
-  init = train_state.create_train_state(
+  host_init = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(config.seed), 100,
-      tx=(optax.sgd(0.01),) * 2)
-  host_init = jax.device_get(init)
+      tx=(optax.sgd(0.01),) * 2))
   step_fn = train.compile_train_step(config, mesh)
   results = []
-  for batch in batches:
-    state, metrics = step_fn(jax.device_put(host_init, replicated),
+  for batch, perturb_init in runs:
+    init = perturb_init(host_init) if perturb_init else host_init
+    state, metrics = step_fn(jax.device_put(init, replicated),
                              sharding.global_batch(batch, mesh), None)
     state, metrics = jax.device_get((state, metrics))
     out = {}
     for field, trees in train_test._groups(state).items():  # pylint: disable=protected-access
       for net, tree in trees.items():
         before = jax.tree_util.tree_leaves(
-            train_test._groups(host_init)[field][net])  # pylint: disable=protected-access
+            train_test._groups(init)[field][net])  # pylint: disable=protected-access
         after = jax.tree_util.tree_leaves(tree)
         if after:
           out[f'{field}/{net}'] = np.concatenate(
@@ -63,9 +64,16 @@ def test_remat_blocks_equals_no_remat_in_a_training_step():
   perturbed = dict(batch, image=train_test._one_ulp_perturbed(  # pylint: disable=protected-access
       batch['image'], seed=0))
   reordered = {k: v[::-1] for k, v in batch.items()}
-  init_none, (plain, *noisy) = _one_step(_config('none'),
-                                         [batch, perturbed, reordered])
-  init_remat, (remat,) = _one_step(_config('blocks'), [batch])
+  # The float32 noise: images or initial parameters one ulp off, the batch
+  # in another order. Remat's recomputed forward rounds like another
+  # fusion of the same ops, which the parameter perturbation stands for.
+  params_ulp = lambda state: state.replace(  # pylint: disable=protected-access
+      g=state.g.replace(params=train_test._one_ulp_perturbed(
+          state.g.params, seed=1)))
+  init_none, (plain, *noisy) = _one_step(
+      _config('none'), [(batch, None), (perturbed, None), (reordered, None),
+                        (batch, params_ulp)])
+  init_remat, (remat,) = _one_step(_config('blocks'), [(batch, None)])
   # The same parameters and names: checkpoints are interchangeable.
   train_test._assert_trees_equal(init_none.g.params, init_remat.g.params)  # pylint: disable=protected-access
   assert set(plain) == set(remat)
