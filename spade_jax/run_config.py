@@ -96,7 +96,7 @@ def _check_partitioning(config: ml_collections.ConfigDict) -> None:
         f'spatial_partitions={k} splits every feature map\'s rows over {k} '
         f'devices, but {where}: that needs a multiple of {k} and at least 2 '
         f'rows per device ({2 * k}, {3 * k}, ...). Use a spatial_partitions '
-        f'that divides {rows} at most {rows // 2} times, or a larger '
+        f'that divides {rows} and is at most {max(rows // 2, 1)}, or a larger '
         'crop_size / a smaller aspect_ratio.')
 
 
