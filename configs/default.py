@@ -123,6 +123,16 @@ def get_config():
   # Devices the batch is sharded over: 0 = all of them, N = the first N (one
   # process only; e.g. to time or train on part of a machine).
   config.num_devices = 0
+  # Split each image along its height over this many devices (a `spatial`
+  # mesh axis; the batch goes over devices / k on `data`): per-device
+  # activation memory falls about k-fold, XLA exchanges the convolutions'
+  # halo rows. Must divide the devices (of each process) and the generator's
+  # first feature map's rows. Same function as 1 (docs/performance.md).
+  config.spatial_partitions = 1
+  # Rematerialisation: 'none', or 'blocks' (recompute each SPADE residual
+  # block of the generator in the backward pass, keeping only its inputs:
+  # less memory for more compute; the same values). docs/performance.md.
+  config.remat = 'none'
   config.num_train_steps = 600
   config.log_every_steps = 50
   config.image_every_steps = 100

@@ -30,6 +30,11 @@ dense fallback, in `flops_per_step`).
                            function (asynchronous, into a temporary folder);
                            reports the median normal step, the median save
                            step and their ratio (`save_step_ratio`).
+  --compile_only           train: compile the step for the config's shapes
+                           (nothing allocated, no step run or timed) and
+                           report the compiled program's per-device memory
+                           (`compiled_memory`); e.g. with simulated devices,
+                           XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 Compilation is timed separately (`compile_s`, via
 jit(...).lower().compile()), `warmup` untimed steps follow, then `steps` timed
@@ -121,6 +126,10 @@ def define_flags() -> None:
       'save_every', 0, 'train mode: save a checkpoint after every K-th timed '
       'step (training\'s checkpoint manager and save function, into a '
       'temporary folder) and report the save steps beside the normal ones.')
+  flags.DEFINE_bool(
+      'compile_only', False, 'train mode: compile the step only and report '
+      "the compiled program's per-device memory (memory_analysis), without "
+      'running or timing steps.')
   flags.DEFINE_string(
       'workdir', None, 'Where the synthetic data set is generated when '
       'config.data_dir is empty (input mode; default: a folder under the '
@@ -417,6 +426,83 @@ def prepare_generate(config: ml_collections.ConfigDict,
                   {'init_s': init_s, **label_statistics(config, host_batch)})
 
 
+# The compiled program's memory (per device: an SPMD program is one device's),
+# memory_analysis() attribute -> record field.
+MEMORY_FIELDS = {'temp_size_in_bytes': 'temp_bytes',
+                 'argument_size_in_bytes': 'argument_bytes',
+                 'output_size_in_bytes': 'output_bytes',
+                 'alias_size_in_bytes': 'alias_bytes',
+                 'generated_code_size_in_bytes': 'generated_code_bytes'}
+
+
+def compiled_memory(compiled) -> Dict[str, Optional[int]]:
+  """memory_analysis() of a compiled program; None where not reported."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None  # Not every backend reports it.
+  if isinstance(mem, (list, tuple)):  # Older JAX: one per program.
+    mem = mem[0] if mem else None
+  out = {}
+  for attr, field in MEMORY_FIELDS.items():
+    value = getattr(mem, attr, None)
+    out[field] = None if value is None else int(value)
+  return out
+
+
+def abstract_train_inputs(config, options: Options, mesh):
+  """The train step's (state, batch, vgg_params) as shapes: nothing is
+  initialised or allocated, so any size compiles."""
+  state = jax.eval_shape(lambda: train_state.create_train_state(
+      config, jax.random.PRNGKey(config.seed), steps_per_epoch=1000))
+  vgg_params = jax.eval_shape(lambda: vgg_params_for(config, options))
+  h, w = models.output_size(config)
+  b = config.batch_size
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
+  shape = lambda s, dtype: jax.ShapeDtypeStruct(s, dtype,
+                                                sharding=batch_sharding)
+  batch = {'image': shape((b, h, w, 3), jnp.float32),
+           'label': shape((b, h, w), jnp.int32),
+           'instance': shape((b, h, w), jnp.int32)}
+  return state, batch, vgg_params
+
+
+def compile_train_memory(config: ml_collections.ConfigDict,
+                         options: Options) -> Dict[str, Any]:
+  """Compiles one training iteration and reports its per-device memory.
+
+  Nothing runs: the record has `compile_s`, `flops_per_step` and the
+  compiled program's `temp_bytes`, `argument_bytes`, `output_bytes`,
+  `alias_bytes` and `generated_code_bytes` (XLA's memory_analysis; None
+  where the backend does not report them), per device.
+  """
+  validate(config, options)
+  mesh = sharding.make_mesh(config)
+  args = abstract_train_inputs(config, options, mesh)
+  info = compile_timed(train.compile_train_step(config, mesh), *args)
+  record = {'compile_only': True, 'compile_s': info['compile_s'],
+            'flops_per_step': info['flops_per_step'],
+            'images_per_step': config.batch_size,
+            'mesh': dict(mesh.shape)}
+  record.update(compiled_memory(info['compiled']))
+  return record
+
+
+def format_memory_table(record: Dict[str, Any]) -> str:
+  """A --compile_only record's figures as an aligned table."""
+  mib = lambda v: '-' if v is None else f'{v / 2**20:.1f}'
+  rows = [('mode', f"{record['mode']} (compile only)"),
+          ('backend / device', f"{record['backend']} / "
+                               f"{record['device_kind']}"),
+          ('mesh', record['mesh']),
+          ('batch (images/step)', record['images_per_step']),
+          ('compile s', f"{record['compile_s']:.1f}")]
+  rows += [(f'{field} MiB/device', mib(record[field]))
+           for field in MEMORY_FIELDS.values()]
+  width = max(len(name) for name, _ in rows)
+  return '\n'.join(f'{name:<{width}}  {value}' for name, value in rows)
+
+
 def timed_record(prepared: Prepared, timings: Timings) -> Dict[str, Any]:
   record = summarize(timings, prepared.images_per_step)
   record.update(prepared.extra)
@@ -627,7 +713,7 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
   record.update(peak_memory())
   device = jax.devices()[0]
   used = len(sharding.mesh_devices(config))
-  if record['mode'] != 'input':  # Per accelerator: the device count.
+  if record['mode'] != 'input' and 'images_per_s' in record:  # Per device.
     record['images_per_s_per_device'] = record['images_per_s'] / used
   record.update(
       backend=jax.default_backend(), device_kind=str(device.device_kind),
@@ -665,6 +751,21 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   record = {'mode': mode}
   record.update(MODES[mode](config, options))
   return finish_record(record, config, random_vgg_for_timing)
+
+
+def run_compile_only(mode: str, config: ml_collections.ConfigDict,
+                     workdir: str,
+                     random_vgg_for_timing: bool = False) -> Dict[str, Any]:
+  """--compile_only: the train step's compiled per-device memory."""
+  if mode != 'train':
+    raise ValueError(f'--compile_only needs --mode train, got {mode!r}.')
+  options = Options(workdir, random_vgg_for_timing=random_vgg_for_timing)
+  record = {'mode': mode}
+  record.update(compile_train_memory(config, options))
+  record = finish_record(record, config, random_vgg_for_timing)
+  record.update(spatial_partitions=sharding.spatial_partitions(config),
+                remat=models.remat(config))
+  return record
 
 
 def variant_config(config: ml_collections.ConfigDict,
@@ -766,6 +867,17 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(tempfile.gettempdir(),
                                           'spade_jax_benchmark')
   try:
+    if FLAGS.compile_only:
+      if FLAGS.variants or FLAGS.save_every:
+        raise ValueError('--compile_only does not take --variants or '
+                         '--save_every.')
+      record = run_compile_only(FLAGS.mode, FLAGS.config, workdir,
+                                FLAGS.random_vgg_for_timing)
+      print(format_memory_table(record))
+      if FLAGS.json:
+        with open(FLAGS.json, 'a') as f:
+          f.write(json.dumps(record, sort_keys=True) + '\n')
+      return
     if FLAGS.save_every:
       if FLAGS.mode != 'train' or FLAGS.variants:
         raise ValueError('--save_every needs --mode=train (without '

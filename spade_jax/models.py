@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from spade_jax import layers
+from spade_jax import sharding
 
 Dtype = Any
-_NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
+NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
 # The boundary-sparse SPADE path's capacity (the share of a batch's pixels
 # given the dense convolution) by resolution: (min shorter side, fraction),
 # first match. Chosen from COCO-Stuff label maps with their instance edges
@@ -43,10 +44,10 @@ def num_classes(config) -> int:
 def latent_size(num_upsampling_layers: str, crop_size: int,
                 aspect_ratio: float):
   """(sh, sw) of the generator's first feature map, as the reference."""
-  if num_upsampling_layers not in _NUM_UPSAMPLINGS:
+  if num_upsampling_layers not in NUM_UPSAMPLINGS:
     raise ValueError(f'num_upsampling_layers={num_upsampling_layers!r}: '
-                     f'expected one of {sorted(_NUM_UPSAMPLINGS)}.')
-  sw = crop_size // 2**_NUM_UPSAMPLINGS[num_upsampling_layers]
+                     f'expected one of {sorted(NUM_UPSAMPLINGS)}.')
+  sw = crop_size // 2**NUM_UPSAMPLINGS[num_upsampling_layers]
   sh = round(sw / aspect_ratio)
   return sh, sw
 
@@ -57,7 +58,7 @@ def output_size(config):
     return round(config.crop_size / config.aspect_ratio), config.crop_size
   sh, sw = latent_size(config.num_upsampling_layers, config.crop_size,
                        config.aspect_ratio)
-  n = _NUM_UPSAMPLINGS[config.num_upsampling_layers]
+  n = NUM_UPSAMPLINGS[config.num_upsampling_layers]
   return sh * 2**n, sw * 2**n
 
 
@@ -88,6 +89,9 @@ class SPADEGenerator(nn.Module):
   sparse_min_size: int = 128
   sparse_fallback: bool = True  # False: only to count FLOPs (layers.SPADE).
   conv_impl: str = 'auto'
+  # Rematerialise each SPADE residual block in the backward pass (nn.remat):
+  # only the blocks' inputs are kept; the same values and parameters.
+  remat: bool = False
   dtype: Dtype = jnp.float32
 
   def sparse_fraction(self, size) -> Optional[float]:
@@ -117,7 +121,9 @@ class SPADEGenerator(nn.Module):
     def seg_at(size, one_hot=not self.label_lookup):
       key = (size, one_hot)
       if key not in seg_cache:
-        seg = full.resize(size)
+        # Split over the devices like the feature maps (spatial
+        # partitioning; GSPMD would replicate the resize's gather).
+        seg = sharding.constrain_spatial(full.resize(size))
         seg_cache[key] = seg.one_hot(self.dtype) if one_hot else seg
       return seg_cache[key]
 
@@ -133,7 +139,10 @@ class SPADEGenerator(nn.Module):
                       impl=self.conv_impl,
                       name='fc')(seg_at((sh, sw), one_hot=True))
 
-    block = functools.partial(layers.SPADEResnetBlock, norm_G=self.norm_G,
+    # static_argnums counts the module: (self, x, seg, train).
+    block_cls = (nn.remat(layers.SPADEResnetBlock, static_argnums=(3,))
+                 if self.remat else layers.SPADEResnetBlock)
+    block = functools.partial(block_cls, norm_G=self.norm_G,
                               sparse_fallback=self.sparse_fallback,
                               conv_impl=self.conv_impl, dtype=self.dtype)
 
@@ -142,6 +151,7 @@ class SPADEGenerator(nn.Module):
       fraction = self.sparse_fraction(size)
       # The sparse path needs the class ids (it uses the label lookup).
       seg = seg_at(size, one_hot=not (self.label_lookup or fraction))
+      x = sharding.constrain_spatial(x)
       return block(features, sparse_fraction=fraction, name=name)(x, seg,
                                                                   train)
 
@@ -158,8 +168,8 @@ class SPADEGenerator(nn.Module):
       x = layers.upsample2x(x)
       x = run('up_4', nf // 2, x)
     x = layers.Conv(3, 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-                    name='conv_img')(_lrelu(x))
-    return jnp.tanh(x.astype(jnp.float32))
+                    name='conv_img')(_lrelu(sharding.constrain_spatial(x)))
+    return sharding.constrain_spatial(jnp.tanh(x.astype(jnp.float32)))
 
 
 class Pix2PixHDGenerator(nn.Module):
@@ -229,6 +239,7 @@ class NLayerDiscriminator(nn.Module):
     (same parameters). seg's batch may divide x's: the label part is
     computed once and repeated (x = [fake; real] with one label map)."""
     feats = []
+    x, seg = sharding.constrain_spatial((x, seg))
     if seg is None:
       x = layers.Conv(self.ndf, 4, 2, 2, dtype=self.dtype,
                       impl=self.conv_impl, name='model0')(x)
@@ -371,6 +382,19 @@ def conv_impl(config) -> str:
   return impl
 
 
+REMAT_MODES = ('none', 'blocks')
+
+
+def remat(config) -> str:
+  """config.remat (default 'none'), checked: 'none' or 'blocks'."""
+  value = config.get('remat', 'none')
+  if value not in REMAT_MODES:
+    raise ValueError(f'remat={value!r}: expected one of {REMAT_MODES} '
+                     "('blocks': recompute each SPADE residual block in the "
+                     'backward pass, to save memory).')
+  return value
+
+
 def label_lookup(config) -> bool:
   """config.spade_label_lookup; unset (None): on for the CPU backend only.
 
@@ -433,6 +457,7 @@ def make_generator(config: ml_collections.ConfigDict,
         sparse_capacity=spade_sparse_capacity(config),
         sparse_min_size=config.spade_sparse_min_size,
         sparse_fallback=config.spade_sparse_fallback,
+        remat=remat(config) == 'blocks',
         **common)
   if config.netG == 'pix2pixhd':
     layers.parse_plain_norm(config.norm_G)

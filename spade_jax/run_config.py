@@ -45,11 +45,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'is a multiple of {2**n} (and an aspect ratio that keeps the height '
         'one), or another num_upsampling_layers.')
   diffaugment.parse_policy(config.diffaugment)
-  num_devices = len(sharding.mesh_devices(config))
-  if config.batch_size % num_devices:
-    raise ValueError(
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{num_devices} devices: the batch is split evenly over them.')
+  models.remat(config)
+  _check_partitioning(config)
   if config.fid_every_steps > 0 and not config.inception_weights:
     raise ValueError(
         f'fid_every_steps={config.fid_every_steps} computes FID during '
@@ -67,6 +64,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'({vgg_lib.WEIGHTS_FILE_NAME}, from the torchvision model zoo) or an '
         '.npz made from it with `python -m spade_jax.vgg IN.pth OUT.npz`; or '
         'turn the perceptual loss off with --config.lambda_vgg=0.')
+
+
+def _check_partitioning(config: ml_collections.ConfigDict) -> None:
+  """The batch and the images split evenly over the (data, spatial) mesh."""
+  num_devices = len(sharding.mesh_devices(config))
+  k = sharding.spatial_partitions(config)
+  groups = num_devices // k
+  if config.batch_size % groups:
+    over = (f'{groups} devices' if k == 1 else
+            f'{groups} data-parallel groups ({num_devices} devices / '
+            f'spatial_partitions={k})')
+    raise ValueError(
+        f'batch_size={config.batch_size} is not divisible by the {over}: the '
+        'batch is split evenly over them.')
+  if k == 1:
+    return
+  h = models.output_size(config)[0]
+  if config.netG == 'spade':
+    n = models.NUM_UPSAMPLINGS[config.num_upsampling_layers]
+    rows = models.latent_size(config.num_upsampling_layers, config.crop_size,
+                              config.aspect_ratio)[0]
+    where = (f'the generator starts from {rows} rows (image height {h} / '
+             f'2^{n} upsamplings)')
+  else:
+    n = config.resnet_n_downsample
+    rows = h // 2**n
+    where = (f'the generator\'s coarsest map has {rows} rows (image height '
+             f'{h} / 2^{n} downsamplings)')
+  # One row per device at the 3x3 convolutions' halo size gave wrong
+  # values (XLA CPU, GSPMD; docs/performance.md): at least two.
+  if rows % k or rows // k < 2:
+    raise ValueError(
+        f'spatial_partitions={k} splits every feature map\'s rows over {k} '
+        f'devices, but {where}: that needs a multiple of {k} and at least 2 '
+        f'rows per device ({2 * k}, {3 * k}, ...). Use a spatial_partitions '
+        f'that divides {rows} and is at most {max(rows // 2, 1)}, or a larger '
+        'crop_size / a smaller aspect_ratio.')
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

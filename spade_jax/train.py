@@ -14,7 +14,6 @@ for a save only at the next save and before exiting (at the end, after the
 final checkpoint of a SIGTERM / SIGINT, on an error).
 """
 import contextlib
-import functools
 import os
 import signal
 import threading
@@ -156,11 +155,20 @@ def train_step(state: train_state.TrainState, batch: Dict[str, jax.Array],
 
 
 def compile_train_step(config, mesh):
-  """jit(train_step) with the batch sharded on `data`, the rest replicated."""
+  """jit(train_step) with the batch on `sharding.BATCH_SPEC`, the rest
+  replicated.
+
+  The batch is split over `data` (and, with config.spatial_partitions > 1,
+  each image along its height over `spatial`); the step is traced under
+  `sharding.mesh_context(mesh)`, where the networks' `constrain_spatial`
+  hints take effect.
+  """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
-  step_fn = functools.partial(train_step, config=config)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC)
+
+  def step_fn(state, batch, vgg_params):
+    with sharding.mesh_context(mesh):
+      return train_step(state, batch, vgg_params, config)
   return jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
