@@ -674,12 +674,15 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
 
   Each process reads its own share of the shared data set; the
   one-process runs read in the order of two processes
-  (config.data_order_processes=2), so all three train on the same batches
-  (a 2 x 2 run resumed by one process is the same). What differs is the order of float32 summations, so the tolerance is
-  measured, not tuned: a third run, 1 process x 1 device, sums in yet
-  another order, and the 2 x 2 run may differ from the 1 x 4 run by at most
-  NOISE_FACTOR x the 1 x 1 run's distance from it (a process that read the
-  wrong records or normalised with its own statistics differs by far more;
+  (config.data_order_processes=2), so all train on the same batches (a
+  2 x 2 run resumed by one process is the same). What differs is the order
+  of float32 summations, so the tolerance is measured, not tuned: two more
+  runs, 1 process x 1 device and 1 x 2, sum in yet other orders, and the
+  2 x 2 run may differ from the 1 x 4 run by at most NOISE_FACTOR x the
+  larger of their distances from it (one such distance alone can be far
+  below the typical spread by chance: 1e-6 where others are 1e-4; a
+  process that read the wrong records or normalised with its own
+  statistics differs by far more;
   test_unsynchronised_batch_norm_fails_the_sharding_tolerances shows that
   for BatchNorm). Kept well-conditioned:
   - crop 128 (SHARDING_CONFIG): no BatchNorm over 2x2 maps.
@@ -697,12 +700,14 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
                  **SHARDING_CONFIG)
   config = tiny_config(data_dir=data_dir, **changes)
   address = f'127.0.0.1:{_free_port()}'
-  # Four processes on two cores: a generous deadline (about 3 minutes quiet).
-  one_err, single_err, *errs = _run_together(
+  # Five processes on two cores: a generous deadline (about 4 minutes quiet).
+  one_err, single_err, pair_err, *errs = _run_together(
       [(_main_cmd(tmp_path / 'one', data_dir, **changes),
         _with_devices(env, 4)),
        (_main_cmd(tmp_path / 'single', data_dir, **changes),
-        _with_devices(env, 1))] + [
+        _with_devices(env, 1)),
+       (_main_cmd(tmp_path / 'pair', data_dir, **changes),
+        _with_devices(env, 2))] + [
             (_main_cmd(tmp_path / 'two', data_dir, **changes) + [
                 f'--coordinator_address={address}', '--num_processes=2',
                 f'--process_id={i}'], _with_devices(env, 2)) for i in range(2)],
@@ -716,15 +721,17 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
     pairs = [kv.split('=') for kv in line[0].split('] [2] ')[1].split(', ')]
     return {k: float(v) for k, v in pairs
             if k not in ('train/images_per_s', 'train/steps_per_s')}
-  one_losses, single_losses, two_losses = (
-      losses_at_step_2(e) for e in (one_err, single_err, errs[0]))
+  one_losses, single_losses, pair_losses, two_losses = (
+      losses_at_step_2(e) for e in (one_err, single_err, pair_err, errs[0]))
   assert {'train/G_GAN_Feat', 'train/D_Fake'} <= one_losses.keys()
   assert one_losses.keys() == two_losses.keys() == single_losses.keys()
   for key, value in one_losses.items():
-    noise = abs(value - single_losses[key])
+    noise = max(abs(value - single_losses[key]),
+                abs(value - pair_losses[key]))
     tol = NOISE_FACTOR * max(noise, 1e-6 * abs(value))
-    assert abs(two_losses[key] - value) <= tol, (key, value, two_losses[key],
-                                                 tol)
+    assert abs(two_losses[key] - value) <= tol, (
+        key, value, two_losses[key], tol, one_losses, single_losses,
+        pair_losses, two_losses)
 
   init = jax.device_get(train_state.create_train_state(
       config, jax.random.PRNGKey(config.seed)))
@@ -732,14 +739,15 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
       [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]).astype(
           np.float64)
   changed = {}  # Run -> field -> what the two steps changed.
-  for run in ('one', 'single', 'two'):
+  for run in ('one', 'single', 'pair', 'two'):
     step, state = _final_state(tmp_path / run, config)
     assert step == 2, run
     changed[run] = {f: flat(tree) - flat(_groups(init)[f])
                     for f, tree in _groups(state).items()}
   for field, a in changed['one'].items():
     assert np.linalg.norm(a) > 0, field
-    noise = _relative_change(a, changed['single'][field])
+    noise = max(_relative_change(a, changed['single'][field]),
+                _relative_change(a, changed['pair'][field]))
     tol = NOISE_FACTOR * max(noise, 4 * np.finfo(np.float32).eps)
     err = _relative_change(a, changed['two'][field])
     assert err <= tol, (field, err, tol, noise)
