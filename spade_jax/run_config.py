@@ -2,7 +2,7 @@
 
 `validate_config` stops at start-up with a clear message on settings that
 cannot work (model shapes, devices, weight files the losses need);
-`resolve_data_dir` finds the TFRecord folder, generating the synthetic set
+`resolve_data_dir` finds the built data set, generating the synthetic set
 on first use. Training and evaluation both start with them.
 """
 import json
