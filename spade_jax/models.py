@@ -412,11 +412,12 @@ def spade_sparse(config, training: bool = True) -> bool:
   (docs/performance.md): training steps 25% faster at 256x256 ngf 64 and 7%
   at 128x128 ngf 32; the eval-mode generator alone 3% slower (its backward
   pass, where most of the saving is, does not run). No accelerator timing
-  yet, so off there.
+  yet, so off there, and off with spatial_partitions > 1 (untested there).
   """
   value = config.spade_sparse
-  if value is None:
-    return training and jax.default_backend() == 'cpu'
+  if value is None:  # Not with images split over devices: untested there.
+    return (training and jax.default_backend() == 'cpu' and
+            config.spatial_partitions == 1)
   return bool(value)
 
 

@@ -22,7 +22,7 @@ import train_test
 
 # The generator starts from 4x4 maps (crop / 32): two rows per device, the
 # fewest validate_config allows (one gave wrong values, see run_config).
-CONFIG = dict(crop_size=128, load_size=144, batch_size=4)
+CONFIG = dict(crop_size=128, load_size=144, batch_size=4, spade_sparse=False)
 
 
 def _worker(out_path, **changes):
