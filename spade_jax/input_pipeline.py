@@ -606,6 +606,20 @@ def _record_stream(paths: Tuple[str, ...], plan: data_order.Plan, start: int,
 # Public API.
 
 
+def _share_batches(paths: Tuple[str, ...], plan: data_order.Plan,
+                   spec: _ExampleSpec, counter: BadRecordCounter,
+                   keep: Sequence[str], start_step: int,
+                   num_epochs: Optional[int]) -> tf.data.Dataset:
+  """The decoded, batched examples of one share's plan."""
+  ds = _record_stream(paths, plan, start_step * plan.local_batch, num_epochs)
+  ds = ds.map(_make_example_fn(spec, counter),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if spec.skip_bad_records:
+    ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
+  ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))
+  return ds.batch(plan.local_batch, drop_remainder=plan.train)
+
+
 def _check_config(config: ml_collections.ConfigDict,
                   info: records.DatasetInfo) -> None:
   """Fails early when the config does not fit the built data set."""
@@ -718,21 +732,16 @@ def create_split(config: ml_collections.ConfigDict, data_dir: str,
   keep = ['image', 'label', 'instance']
   if with_metadata if with_metadata is not None else not train:
     keep += list(METADATA_KEYS)
+  epochs = num_epochs if num_epochs is not None or train else 1
+  first = process_index * shares_per_process
   shares = []
-  for share in range(process_index * shares_per_process,
-                     (process_index + 1) * shares_per_process):
+  for share in range(first, first + shares_per_process):
     plan = data_order.Plan(
         counts=tuple(counts), train=train, seed=int(config.seed),
         process_index=share, process_count=order_count,
         local_batch=share_batch, window=int(config.shuffle_buffer_size))
-    ds = _record_stream(paths, plan, int(start_step) * share_batch,
-                        num_epochs if num_epochs is not None or train else 1)
-    ds = ds.map(_make_example_fn(spec, counter),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if spec.skip_bad_records:
-      ds = ds.filter(_no_autograph(lambda ex: ex['decoded']))
-    ds = ds.map(_no_autograph(lambda ex: {k: ex[k] for k in keep}))
-    shares.append(ds.batch(share_batch, drop_remainder=train))
+    shares.append(_share_batches(paths, plan, spec, counter, keep,
+                                 int(start_step), epochs))
   ds = shares[0] if len(shares) == 1 else tf.data.Dataset.zip(
       tuple(shares)).map(_no_autograph(lambda *parts: {
           k: tf.concat([p[k] for p in parts], 0) for k in keep}))
