@@ -104,7 +104,11 @@ def _rebuild_beside(make, data_dir: str, manual_dir: Optional[str],
     final = make(data_dir)
     old = f'{final.data_dir}{_TMP_PREFIX}old'
     os.replace(final.data_dir, old)
-    os.replace(fresh.data_dir, final.data_dir)
+    try:
+      os.replace(fresh.data_dir, final.data_dir)
+    except OSError:
+      os.replace(old, final.data_dir)  # The previous build back in place.
+      raise
     shutil.rmtree(old)
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
