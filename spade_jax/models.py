@@ -406,19 +406,19 @@ def label_lookup(config) -> bool:
 
 
 def spade_sparse(config, training: bool = True) -> bool:
-  """config.spade_sparse; unset (None): on for CPU training steps only.
+  """config.spade_sparse; unset (None): off.
 
-  Measured on the 2-core CPU, quiet, real COCO-Stuff labels, alternating
-  (docs/performance.md): training steps 25% faster at 256x256 ngf 64 and 7%
-  at 128x128 ngf 32; the eval-mode generator alone 3% slower (its backward
-  pass, where most of the saving is, does not run). No accelerator timing
-  yet, so off there, and off with spatial_partitions > 1 (untested there).
+  Measured on the 2-core CPU, quiet, alternating (docs/performance.md): on
+  real COCO-Stuff labels training steps are 25% faster at 256x256 ngf 64 and
+  7% at 128x128 ngf 32, but on maps with more boundary pixels than the
+  capacity (random 8x8 blocks at 128x128) the step took 73.6 s against the
+  dense path's 2.6 s, and the eval-mode generator is 3% slower. Until the
+  over-capacity case is fixed it is opt-in (`--config.spade_sparse=True`).
+  `training` is kept for a per-mode default.
   """
+  del training
   value = config.spade_sparse
-  if value is None:  # Not with images split over devices: untested there.
-    return (training and jax.default_backend() == 'cpu' and
-            config.spatial_partitions == 1)
-  return bool(value)
+  return False if value is None else bool(value)
 
 
 def spade_sparse_capacity(config) -> Optional[Tuple[Tuple[int, float], ...]]:
