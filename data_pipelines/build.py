@@ -41,7 +41,6 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import examples as examples_lib
 from data_pipelines import layouts
-from data_pipelines import metadata
 from data_pipelines import synthetic
 from data_pipelines import tfds_builders
 
@@ -90,17 +89,13 @@ def make_builder(dataset: str, data_dir: str, *,
   return b
 
 
-def _is_built(folder) -> bool:
-  return os.path.isfile(os.path.join(folder, metadata.INFO_FILE))
-
-
 def _rebuild_beside(make, data_dir: str, manual_dir: Optional[str],
                     num_shards: Optional[int]) -> tfds.core.DatasetBuilder:
   """Builds into a hidden folder of data_dir, then swaps the build in."""
   tmp_root = os.path.join(data_dir, f'{_TMP_PREFIX}{os.getpid()}')
   try:
     fresh = make(tmp_root)
-    synthetic.prepare(fresh, num_shards, manual_dir)
+    tfds_builders.prepare(fresh, num_shards, manual_dir)
     final = make(data_dir)
     old = f'{final.data_dir}{_TMP_PREFIX}old'
     os.replace(final.data_dir, old)
@@ -146,15 +141,15 @@ def build_dataset(dataset: str, manual_dir: Optional[str], data_dir: str, *,
       raise ValueError(
           f'--manual_dir {manual_dir!r} is not a folder. ' +
           b.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  if _is_built(b.data_dir) and not overwrite:
+  if tfds_builders.is_prepared(b) and not overwrite:
     logging.warning('%s is already built (%s): kept; pass --overwrite to '
                     'rebuild it.', dataset, b.data_dir)
-    return synthetic.split_summary(b)
-  if _is_built(b.data_dir):
+    return tfds_builders.split_summary(b)
+  if tfds_builders.is_prepared(b):
     b = _rebuild_beside(make, data_dir, manual_dir, num_shards)
   else:
-    synthetic.prepare(b, num_shards, manual_dir)
-  summary = synthetic.split_summary(b, time.time() - start)
+    tfds_builders.prepare(b, num_shards, manual_dir)
+  summary = tfds_builders.split_summary(b, time.time() - start)
   logging.info('Built %s in %s (%.1f s): %s', dataset, b.data_dir,
                time.time() - start, summary_line(summary))
   return summary

@@ -12,12 +12,9 @@ parameters is another folder, never a reused wrong one, and tfds writes it
 atomically (an interrupted build is simply redone).
 """
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, Optional
 
 from absl import logging
-import tensorflow_datasets as tfds
 
 from data_pipelines import metadata
 from data_pipelines import tfds_builders
@@ -34,15 +31,6 @@ def builder(data_dir: str, num_train: int, num_val: int, size: int,
           tfds_builders.synthetic_config(num_train, num_val, size, seed)))
 
 
-def split_summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0
-                  ) -> Dict[str, Dict[str, Any]]:
-  """Per split of a prepared build: {'examples', 'shards', 'bytes', 'seconds'}."""
-  return {name: {'examples': int(s.num_examples),
-                 'shards': len(s.shard_lengths), 'bytes': int(s.num_bytes),
-                 'seconds': seconds}
-          for name, s in b.info.splits.items()}
-
-
 def build_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
                     seed: int = 0, num_shards: Optional[int] = None,
                     num_workers: Optional[int] = None
@@ -53,23 +41,8 @@ def build_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
   build of the same parameters is reused).
   """
   b = builder(data_dir, num_train, num_val, size, seed, num_workers)
-  prepare(b, num_shards)
-  return split_summary(b)
-
-
-def prepare(b: tfds.core.DatasetBuilder, num_shards: Optional[int] = None,
-            manual_dir: Optional[str] = None) -> None:
-  """b.download_and_prepare with nothing downloaded (no downloads/ folder)."""
-  downloads = tempfile.mkdtemp(prefix='spade_jax_build_')
-  try:
-    b.download_and_prepare(
-        download_dir=downloads, download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, num_shards=num_shards))
-  except AssertionError as e:  # tfds' way to refuse, e.g. too many shards.
-    raise ValueError(f'tensorflow-datasets refused to build {b.name} '
-                     f'(num_shards={num_shards}): {e}') from None
-  finally:
-    shutil.rmtree(downloads, ignore_errors=True)
+  tfds_builders.prepare(b, num_shards)
+  return tfds_builders.split_summary(b)
 
 
 def ensure_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
@@ -90,10 +63,9 @@ def ensure_synthetic(data_dir: str, num_train: int, num_val: int, size: int,
     The data set's info; its `folder` is the build's folder.
   """
   b = builder(data_dir, num_train, num_val, size, seed)
-  if build and not os.path.isfile(os.path.join(b.data_dir,
-                                               metadata.INFO_FILE)):
+  if build and not tfds_builders.is_prepared(b):
     logging.info('Generating the synthetic data set in %s (%d train + %d val '
                  'scenes of %dx%d, seed %d).', b.data_dir, num_train, num_val,
                  size, size, seed)
-    prepare(b)
+    tfds_builders.prepare(b)
   return metadata.DatasetInfo.load(str(b.data_dir))

@@ -25,6 +25,9 @@ conventions (`metadata.DatasetInfo`) are the data set's tfds metadata
 """
 import dataclasses
 import io
+import os
+import shutil
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
@@ -331,6 +334,35 @@ class SpadeSynthetic(tfds.core.GeneratorBasedBuilder):
     for i, fields in examples_lib.ordered_map(scene, range(n),
                                               self._num_workers or 1):
       yield i, fields
+
+
+def is_prepared(b: tfds.core.DatasetBuilder) -> bool:
+  """Whether `b`'s build is complete in its data_dir."""
+  return os.path.isfile(os.path.join(b.data_dir, metadata.INFO_FILE))
+
+
+def prepare(b: tfds.core.DatasetBuilder, num_shards: Optional[int] = None,
+            manual_dir: Optional[str] = None) -> None:
+  """b.download_and_prepare with nothing downloaded (no downloads/ folder)."""
+  downloads = tempfile.mkdtemp(prefix='spade_jax_build_')
+  try:
+    b.download_and_prepare(
+        download_dir=downloads, download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, num_shards=num_shards))
+  except AssertionError as e:  # tfds' way to refuse, e.g. too many shards.
+    raise ValueError(f'tensorflow-datasets refused to build {b.name} '
+                     f'(num_shards={num_shards}): {e}') from None
+  finally:
+    shutil.rmtree(downloads, ignore_errors=True)
+
+
+def split_summary(b: tfds.core.DatasetBuilder, seconds: float = 0.0
+                  ) -> Dict[str, Dict[str, Any]]:
+  """Per split of a prepared build: {'examples', 'shards', 'bytes', 'seconds'}."""
+  return {name: {'examples': int(s.num_examples),
+                 'shards': len(s.shard_lengths), 'bytes': int(s.num_bytes),
+                 'seconds': seconds}
+          for name, s in b.info.splits.items()}
 
 
 BUILDERS: Dict[str, Any] = {

@@ -15,6 +15,7 @@ import ml_collections
 
 from data_pipelines import records
 from data_pipelines import synthetic
+from data_pipelines import tfds_builders
 from spade_jax import data_order
 from spade_jax import diffaugment
 from spade_jax import inception
@@ -114,8 +115,7 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     data_dir = config.data_dir or os.path.join(workdir, 'data', 'synthetic')
     params = (config.synthetic_num_train, config.synthetic_num_val,
               config.synthetic_size)
-    built = os.path.isfile(os.path.join(
-        synthetic.builder(data_dir, *params).data_dir, records.INFO_FILE))
+    built = tfds_builders.is_prepared(synthetic.builder(data_dir, *params))
     if not built and config.data_dir:
       try:
         return records.DatasetInfo.load(config.data_dir).folder
