@@ -209,6 +209,41 @@ def test_fallback_runs_exactly_when_the_count_exceeds_the_capacity(kind):
       assert_close(got, want)  # The sparse branch, exact.
 
 
+@pytest.mark.parametrize('kernel_size,padding', [(3, 1), (5, 2), (1, 0),
+                                                (3, 0)])
+@pytest.mark.parametrize('in_cond', [False, True])
+def test_forward_form_gradients_equal_autodiff(kernel_size, padding,
+                                               in_cond):
+  """The fallback's convolution (`conv2d_forward_form_grads`): the same
+  values and the same input and kernel gradients as XLA's convolution under
+  autodiff, at the top level and inside a lax.cond branch (where it is
+  used), odd sizes, several paddings."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 3)),
+                       jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 9 + 2 * padding - kernel_size + 1,
+                                   7 + 2 * padding - kernel_size + 1, 3)),
+                  jnp.float32)
+
+  def loss(conv):
+    def f(x, kernel):
+      if in_cond:  # A predicate XLA cannot fold: the branch stays a branch.
+        y = jax.lax.cond(x.sum() > -1e9, lambda a: conv(a, kernel),
+                         lambda a: -conv(a, kernel), x)
+      else:
+        y = conv(x, kernel)
+      return jnp.vdot(y, g)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, kernel)
+
+  want = loss(lambda a, k: layers.conv2d(a, k, 1, padding))
+  got = loss(lambda a, k: layers.conv2d_forward_form_grads(a, k, padding))
+  assert_close(got[0], want[0])
+  assert_close(got[1][0], want[1][0])  # Input gradient.
+  assert_close(got[1][1], want[1][1])  # Kernel gradient.
+  assert float(jnp.abs(want[1][1]).max()) > 0.1  # Not trivially zero.
+
+
 def test_block_with_shortcut_equals_dense():
   """The residual block (fin != fout: norm_s too)."""
   rng = np.random.default_rng(3)
