@@ -406,19 +406,19 @@ def label_lookup(config) -> bool:
 
 
 def spade_sparse(config, training: bool = True) -> bool:
-  """config.spade_sparse; unset (None): off.
+  """config.spade_sparse; unset (None): on for CPU training steps only.
 
   Measured on the 2-core CPU, quiet, alternating (docs/performance.md): on
   real COCO-Stuff labels training steps are 25% faster at 256x256 ngf 64 and
-  7% at 128x128 ngf 32, but on maps with more boundary pixels than the
-  capacity (random 8x8 blocks at 128x128) the step took 73.6 s against the
-  dense path's 2.6 s, and the eval-mode generator is 3% slower. Until the
-  over-capacity case is fixed it is opt-in (`--config.spade_sparse=True`).
-  `training` is kept for a per-mode default.
+  7% at 128x128 ngf 32; on maps with more boundary pixels than the capacity
+  (random 8x8 blocks at 128x128), where the dense fallback runs, 9% slower.
+  The eval-mode generator (`training=False`) stays dense: there the sparse
+  path was 3% slower. No accelerator figure yet, so dense there.
   """
-  del training
   value = config.spade_sparse
-  return False if value is None else bool(value)
+  if value is None:
+    return training and jax.default_backend() == 'cpu'
+  return bool(value)
 
 
 def spade_sparse_capacity(config) -> Optional[Tuple[Tuple[int, float], ...]]:
