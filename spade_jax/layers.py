@@ -7,7 +7,7 @@ iteration per training forward and none in eval mode.
 """
 import functools
 import re
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax
 import flax.linen as nn
@@ -527,7 +527,7 @@ def sparse_capacity(fraction: float, shape: Sequence[int]) -> int:
 def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
                          shared: Tuple[jnp.ndarray, jnp.ndarray],
                          kernel: jnp.ndarray, bias: jnp.ndarray,
-                         capacity: int, dense_fn,
+                         capacity, dense_fn,
                          dtype: Dtype = jnp.float32,
                          fallback: bool = True) -> jnp.ndarray:
   """conv2d(actv, kernel, padding k // 2) + bias, exactly, sparse on boundaries.
@@ -540,11 +540,14 @@ def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
   a_c @ sum over taps of `kernel`, plus `bias`. The other pixels' k x k
   patches of `actv` are gathered, at most `capacity` of them for the whole
   batch, and multiplied by kernel.reshape(k * k * hidden, cout); the results
-  are scattered over the per-class map. When a batch has more boundary
-  pixels than `capacity`, `dense_fn(actv)` (the dense convolution) runs
-  instead, under `lax.cond`. `fallback=False` (only for counting the sparse
-  branch's FLOPs: XLA's cost analysis counts a cond's costlier branch) drops
-  the cond and returns NaN for a batch over the capacity. Gradients follow
+  are scattered over the per-class map. `capacity` may be a sequence of
+  capacities (buckets): the smallest that holds the batch's boundary pixels
+  runs (`lax.switch`), so a batch pays for about the pixels it has. When a
+  batch has more boundary pixels than the largest, `dense_fn(actv)` (the
+  dense convolution) runs instead. `fallback=False` (only for counting the
+  largest sparse branch's FLOPs: XLA's cost analysis counts a switch's
+  costliest branch) runs that branch alone and returns NaN for a batch over
+  its capacity. Gradients follow
   by autodiff and equal the
   dense path's for the parameters and for anything upstream of `actv`; the
   edge values are treated as data (no gradient reaches them at uniform
@@ -557,8 +560,9 @@ def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
   ids = label_ids(seg)
   boundary = ~uniform_mask(seg, kh).reshape(total)
   count = boundary.sum()
+  capacities = sorted({int(c) for c in np.atleast_1d(capacity)})
 
-  def sparse(actv):
+  def sparse(capacity, actv):
     shared_kernel, shared_bias = shared
     rows = shared_kernel.astype(jnp.float32)[:, :, :nc].sum(axis=(0, 1))
     rows = jnp.concatenate([rows, jnp.zeros((1, hidden), jnp.float32)])
@@ -583,8 +587,12 @@ def boundary_sparse_conv(seg: LabelMap, actv: jnp.ndarray,
     return out.reshape(n, h, w, cout)
 
   if not fallback:
-    return jnp.where(count <= capacity, sparse(actv), jnp.nan)
-  return jax.lax.cond(count <= capacity, sparse, dense_fn, actv)
+    largest = capacities[-1]
+    return jnp.where(count <= largest, sparse(largest, actv), jnp.nan)
+  # Branch i < len(capacities): the i-th capacity; the last one: dense.
+  index = sum((count > c).astype(jnp.int32) for c in capacities)
+  branches = [functools.partial(sparse, c) for c in capacities] + [dense_fn]
+  return jax.lax.switch(index, branches, actv)
 
 
 # ---------------------------------------------------------------------------
@@ -714,7 +722,8 @@ class SPADE(nn.Module):
   Attributes:
     features: channels of x (the reference's norm_nc).
     sparse_fraction: the boundary-sparse path's capacity, as a share of the
-      batch's pixels; None: dense.
+      batch's pixels, or a tuple of such shares (buckets, see
+      `boundary_sparse_conv`); None: dense.
     sparse_fallback: False only to count the sparse branch's FLOPs
       (`boundary_sparse_conv`).
   """
@@ -722,7 +731,7 @@ class SPADE(nn.Module):
   norm_type: str = 'syncbatch'
   kernel_size: int = 3
   hidden: int = 128
-  sparse_fraction: Optional[float] = None
+  sparse_fraction: Optional[Union[float, Tuple[float, ...]]] = None
   sparse_fallback: bool = True
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32
@@ -749,18 +758,21 @@ class SPADE(nn.Module):
           capacity, self.conv_impl, self.dtype, self.sparse_fallback)
     return normalized * (1 + gamma) + beta
 
-  def _sparse_capacity(self, seg: Semantics, shape) -> Optional[int]:
-    """Boundary pixels the sparse path holds here; None: run dense."""
+  def _sparse_capacity(self, seg: Semantics,
+                       shape) -> Optional[Tuple[int, ...]]:
+    """Boundary pixels each sparse bucket holds here; None: run dense."""
     if self.sparse_fraction is None or not isinstance(seg, LabelMap):
       return None
-    capacity = sparse_capacity(self.sparse_fraction, shape)
-    return None if capacity >= np.prod(shape) else capacity
+    capacities = sorted({sparse_capacity(f, shape)
+                         for f in np.atleast_1d(self.sparse_fraction)})
+    capacities = [c for c in capacities if c < np.prod(shape)]
+    return tuple(capacities) or None
 
 
 def sparse_gamma_beta(seg: LabelMap, actv: jnp.ndarray,
                       shared: Tuple[jnp.ndarray, jnp.ndarray],
                       weights: Sequence[Tuple[jnp.ndarray, jnp.ndarray]],
-                      capacity: int, impl: str = 'xla',
+                      capacity, impl: str = 'xla',
                       dtype: Dtype = jnp.float32, fallback: bool = True):
   """SPADE's (gamma, beta) by `boundary_sparse_conv`, both convs at once.
 
@@ -768,7 +780,7 @@ def sparse_gamma_beta(seg: LabelMap, actv: jnp.ndarray,
   mlp_beta's; the dense fallback computes each as SPADE's dense path does.
   """
   pad = weights[0][0].shape[0] // 2
-  if jax.default_backend() == 'cpu':  # The fallback runs in a cond branch.
+  if jax.default_backend() == 'cpu':  # The fallback runs in a switch branch.
     dense = lambda a: jnp.concatenate(
         [conv2d_forward_form_grads(a.astype(dtype), k.astype(dtype), pad) +
          b.astype(dtype) for k, b in weights], axis=-1)
@@ -790,7 +802,7 @@ class SPADEResnetBlock(nn.Module):
   """
   features: int
   norm_G: str = 'spectralspadesyncbatch3x3'
-  sparse_fraction: Optional[float] = None
+  sparse_fraction: Optional[Union[float, Tuple[float, ...]]] = None
   sparse_fallback: bool = True
   conv_impl: str = 'xla'
   dtype: Dtype = jnp.float32

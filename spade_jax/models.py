@@ -27,8 +27,10 @@ NUM_UPSAMPLINGS = {'normal': 5, 'more': 6, 'most': 7}
 # (the sample's 21 images, resize_and_crop to 256 and 128): the share of
 # non-uniform pixels (`layers.uniform_mask`) was mean 0.21 / max 0.39 at
 # 256x256, mean 0.33-0.36 / max 0.57-0.62 at 128x128, mean 0.51 / max 0.79
-# at 64x64 and 0.73 / 0.97 at 32x32; a batch above the capacity runs dense.
-SPARSE_CAPACITY = ((256, 0.4), (128, 0.62), (64, 0.8))
+# at 64x64 and 0.73 / 0.97 at 32x32. Two buckets each, about the mean and the
+# max: a batch takes the smallest that holds it, and one above the largest
+# runs dense (layers.boundary_sparse_conv).
+SPARSE_CAPACITY = ((256, (0.25, 0.4)), (128, (0.4, 0.62)), (64, (0.6, 0.8)))
 
 
 def semantic_nc(config) -> int:
@@ -82,10 +84,11 @@ class SPADEGenerator(nn.Module):
   label_lookup: bool = True
   # The boundary-sparse SPADE modulation (layers.boundary_sparse_conv) at
   # the resolutions whose shorter side is >= sparse_min_size; its capacity
-  # there is the fraction of the first `sparse_capacity` entry
-  # (min_side, fraction) with min_side <= the shorter side.
+  # there is the fraction (or the tuple of bucket fractions) of the first
+  # `sparse_capacity` entry (min_side, fractions) with min_side <= the
+  # shorter side.
   sparse: bool = False
-  sparse_capacity: Tuple[Tuple[int, float], ...] = None
+  sparse_capacity: Tuple[Tuple[int, Any], ...] = None
   sparse_min_size: int = 128
   sparse_fallback: bool = True  # False: only to count FLOPs (layers.SPADE).
   conv_impl: str = 'auto'
@@ -94,8 +97,9 @@ class SPADEGenerator(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
 
-  def sparse_fraction(self, size) -> Optional[float]:
-    """The sparse path's capacity at a resolution; None: dense there."""
+  def sparse_fraction(self, size):
+    """The sparse path's capacity (a fraction or a tuple of bucket
+    fractions) at a resolution; None: dense there."""
     side = min(size)
     if not self.sparse or side < self.sparse_min_size:
       return None
@@ -406,18 +410,20 @@ def label_lookup(config) -> bool:
 
 
 def spade_sparse(config, training: bool = True) -> bool:
-  """config.spade_sparse; unset (None): on for CPU training steps only.
+  """config.spade_sparse; unset (None): on for the CPU backend.
 
-  Measured on the 2-core CPU, quiet, alternating (docs/performance.md): on
-  real COCO-Stuff labels training steps are 25% faster at 256x256 ngf 64 and
-  7% at 128x128 ngf 32; on maps with more boundary pixels than the capacity
-  (random 8x8 blocks at 128x128), where the dense fallback runs, 9% slower.
-  The eval-mode generator (`training=False`) stays dense: there the sparse
-  path was 3% slower. No accelerator figure yet, so dense there.
+  Measured on the 2-core CPU, alternating in one process
+  (docs/performance.md): on real COCO-Stuff labels training steps are 30%
+  faster at 256x256 ngf 64 and 5-7% at 128x128 ngf 32, the eval-mode
+  generator 10% faster at 256x256; on maps with more boundary pixels than
+  the capacity (random 8x8 blocks at 128x128), where the dense fallback
+  runs, a training step is 9-13% slower. No accelerator figure yet, so
+  dense there. `training` is kept for a per-mode default.
   """
+  del training
   value = config.spade_sparse
   if value is None:
-    return training and jax.default_backend() == 'cpu'
+    return jax.default_backend() == 'cpu'
   return bool(value)
 
 

@@ -244,6 +244,32 @@ def test_forward_form_gradients_equal_autodiff(kernel_size, padding,
   assert float(jnp.abs(want[1][1]).max()) > 0.1  # Not trivially zero.
 
 
+@pytest.mark.parametrize('kind', ['all_boundary', 'instances'])
+def test_the_smallest_bucket_that_holds_the_batch_runs(kind):
+  """Capacity buckets (lax.switch): the bucket count - 1 would drop the last
+  boundary pixel (its output would be the per-class value, which differs on
+  these maps), so exact results with (count - 1, count + 1) show the larger
+  bucket ran; (count, count + 5) is exact; over every bucket the marker
+  dense_fn runs."""
+  rng = np.random.default_rng(3)
+  label, edges = label_map(kind, rng)
+  seg = labelmap(label, edges)
+  hidden, cout = 6, 4
+  shared = (jnp.asarray(rng.normal(size=(3, 3, NC + 1, hidden)), jnp.float32),
+            jnp.asarray(rng.normal(size=(hidden,)), jnp.float32))
+  actv = jax.nn.relu(layers.label_conv(seg, *shared, 1))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, hidden, cout)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
+  want = layers.conv2d(actv, kernel, 1, 1) + bias
+  marker = lambda a: jnp.full(want.shape, 7.0, want.dtype)
+  count = boundary_count(seg)
+  run = lambda caps: np.asarray(layers.boundary_sparse_conv(
+      seg, actv, shared, kernel, bias, caps, marker))
+  assert_close(run((count - 1, count + 1)), want)
+  assert_close(run((count, count + 5)), want)
+  assert (run((count - 3, count - 1)) == 7.0).all()  # Dense fallback.
+
+
 def test_block_with_shortcut_equals_dense():
   """The residual block (fin != fout: norm_s too)."""
   rng = np.random.default_rng(3)
@@ -276,16 +302,15 @@ def tiny_config(**overrides):
 def test_sparse_config_and_resolution_policy():
   config = tiny_config()
   assert config.spade_sparse is None
-  # Unset: on for CPU training steps (measured faster), dense for inference
-  # and on other backends.
+  # Unset: on for the CPU backend (measured faster there), else dense.
   on_cpu = jax.default_backend() == 'cpu'
   assert models.spade_sparse(config) == on_cpu
   assert models.make_generator(config).sparse == on_cpu
-  assert not models.spade_sparse(config, training=False)
-  assert not models.make_generator(config, training=False).sparse
+  assert models.spade_sparse(config, training=False) == on_cpu
+  assert models.make_generator(config, training=False).sparse == on_cpu
   assert not models.make_generator(tiny_config(spade_sparse=False)).sparse
   gen = models.make_generator(tiny_config(spade_sparse=True))
-  assert gen.sparse_fraction((256, 256)) == 0.4
+  assert gen.sparse_fraction((256, 256)) == (0.25, 0.4)  # Two buckets.
   assert gen.sparse_fraction((128, 192)) == models.SPARSE_CAPACITY[1][1]
   assert gen.sparse_fraction((64, 64)) is None  # Below spade_sparse_min_size.
   gen = models.make_generator(tiny_config(
