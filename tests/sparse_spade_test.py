@@ -184,11 +184,11 @@ def test_sparse_spade_equals_dense(kind, fraction, norm, branch):
     assert np.isnan(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize('kind', ['all_boundary', 'instances'])
-def test_fallback_runs_exactly_when_the_count_exceeds_the_capacity(kind):
-  """Which branch runs: a marker dense_fn shows the lax.cond's choice, at
-  capacities one below, at and one above the batch's boundary count."""
-  rng = np.random.default_rng(2)
+def marked_sparse_conv(kind, seed):
+  """(run, want, count): run(capacity) is boundary_sparse_conv on a `kind`
+  map with a marker dense_fn (all 7.0) that shows when the fallback ran;
+  want is the dense convolution; count the map's boundary pixels."""
+  rng = np.random.default_rng(seed)
   label, edges = label_map(kind, rng)
   seg = labelmap(label, edges)
   hidden, cout = 6, 4
@@ -200,9 +200,18 @@ def test_fallback_runs_exactly_when_the_count_exceeds_the_capacity(kind):
   want = layers.conv2d(actv, kernel, 1, 1) + bias
   marker = lambda a: jnp.full(want.shape, 7.0, want.dtype)
   count = boundary_count(seg)
+  run = lambda capacity: np.asarray(layers.boundary_sparse_conv(
+      seg, actv, shared, kernel, bias, capacity, marker))
+  return run, want, count
+
+
+@pytest.mark.parametrize('kind', ['all_boundary', 'instances'])
+def test_fallback_runs_exactly_when_the_count_exceeds_the_capacity(kind):
+  """Which branch runs: a marker dense_fn shows the lax.cond's choice, at
+  capacities one below, at and one above the batch's boundary count."""
+  run, want, count = marked_sparse_conv(kind, seed=2)
   for capacity in (count - 1, count, count + 1):
-    got = np.asarray(layers.boundary_sparse_conv(seg, actv, shared, kernel,
-                                                 bias, capacity, marker))
+    got = run(capacity)
     if capacity < count:
       assert (got == 7.0).all()  # The fallback ran.
     else:
@@ -251,20 +260,7 @@ def test_the_smallest_bucket_that_holds_the_batch_runs(kind):
   these maps), so exact results with (count - 1, count + 1) show the larger
   bucket ran; (count, count + 5) is exact; over every bucket the marker
   dense_fn runs."""
-  rng = np.random.default_rng(3)
-  label, edges = label_map(kind, rng)
-  seg = labelmap(label, edges)
-  hidden, cout = 6, 4
-  shared = (jnp.asarray(rng.normal(size=(3, 3, NC + 1, hidden)), jnp.float32),
-            jnp.asarray(rng.normal(size=(hidden,)), jnp.float32))
-  actv = jax.nn.relu(layers.label_conv(seg, *shared, 1))
-  kernel = jnp.asarray(rng.normal(size=(3, 3, hidden, cout)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
-  want = layers.conv2d(actv, kernel, 1, 1) + bias
-  marker = lambda a: jnp.full(want.shape, 7.0, want.dtype)
-  count = boundary_count(seg)
-  run = lambda caps: np.asarray(layers.boundary_sparse_conv(
-      seg, actv, shared, kernel, bias, caps, marker))
+  run, want, count = marked_sparse_conv(kind, seed=3)
   assert_close(run((count - 1, count + 1)), want)
   assert_close(run((count, count + 5)), want)
   assert (run((count - 3, count - 1)) == 7.0).all()  # Dense fallback.
