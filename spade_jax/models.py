@@ -418,12 +418,14 @@ def spade_sparse(config, training: bool = True) -> bool:
   generator 10% faster at 256x256; on maps with more boundary pixels than
   the capacity (random 8x8 blocks at 128x128), where the dense fallback
   runs, a training step is 9-13% slower. No accelerator figure yet, so
-  dense there. `training` is kept for a per-mode default.
+  dense there, and dense with spatial_partitions > 1 (untested there).
+  `training` is kept for a per-mode default.
   """
   del training
   value = config.spade_sparse
-  if value is None:
-    return jax.default_backend() == 'cpu'
+  if value is None:  # Not with images split over devices: untested there.
+    return (jax.default_backend() == 'cpu' and
+            config.spatial_partitions == 1)
   return bool(value)
 
 

@@ -304,6 +304,10 @@ def test_sparse_config_and_resolution_policy():
   assert models.make_generator(config).sparse == on_cpu
   assert models.spade_sparse(config, training=False) == on_cpu
   assert models.make_generator(config, training=False).sparse == on_cpu
+  # Not with images split over devices (untested there) unless asked for.
+  assert not models.spade_sparse(tiny_config(spatial_partitions=2))
+  assert models.spade_sparse(tiny_config(spatial_partitions=2,
+                                         spade_sparse=True))
   assert not models.make_generator(tiny_config(spade_sparse=False)).sparse
   gen = models.make_generator(tiny_config(spade_sparse=True))
   assert gen.sparse_fraction((256, 256)) == (0.25, 0.4)  # Two buckets.
