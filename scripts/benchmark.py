@@ -349,9 +349,9 @@ def sparse_branch_flops(config, lower: Callable[[Any], Any],
                         training: bool = True):
   """FLOPs of the step with the boundary-sparse branch always taken.
 
-  XLA's cost analysis counts a `lax.cond`'s costlier branch, the dense
+  XLA's cost analysis counts a `lax.switch`'s costliest branch, the dense
   fallback; this compiles the step once more without it (never run) to count
-  what a batch within the capacity costs. None when the path is off.
+  what a batch within the largest capacity costs. None when the path is off.
   """
   if not models.spade_sparse(config, training) or config.netG != 'spade':
     return None

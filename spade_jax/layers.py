@@ -781,13 +781,12 @@ def sparse_gamma_beta(seg: LabelMap, actv: jnp.ndarray,
   """
   pad = weights[0][0].shape[0] // 2
   if jax.default_backend() == 'cpu':  # The fallback runs in a switch branch.
-    dense = lambda a: jnp.concatenate(
-        [conv2d_forward_form_grads(a.astype(dtype), k.astype(dtype), pad) +
-         b.astype(dtype) for k, b in weights], axis=-1)
+    conv = lambda a, k: conv2d_forward_form_grads(a, k, pad)
   else:
-    dense = lambda a: jnp.concatenate(
-        [biased_conv(a, k, b, pad, 1, impl, dtype) for k, b in weights],
-        axis=-1)
+    conv = lambda a, k: conv2d(a, k, 1, pad, impl)
+  dense = lambda a: jnp.concatenate(
+      [conv(a.astype(dtype), k.astype(dtype)) + b.astype(dtype)
+       for k, b in weights], axis=-1)
   out = boundary_sparse_conv(
       seg, actv, shared, jnp.concatenate([k for k, _ in weights], axis=-1),
       jnp.concatenate([b for _, b in weights]), capacity, dense, dtype,
