@@ -81,6 +81,7 @@ from spade_jax import sharding
 from spade_jax import train
 from spade_jax import train_state
 from spade_jax import vgg as vgg_lib
+from spade_jax import xla_cpu
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -721,6 +722,7 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
       devices_visible=jax.device_count(),
       process_count=jax.process_count(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__, load_average_1min=os.getloadavg()[0],
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
       random_vgg_for_timing=bool(random_vgg_for_timing and
                                  config.lambda_vgg > 0 and
                                  not config.vgg_weights),
@@ -864,6 +866,7 @@ def format_table(record: Dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_cpu.apply_cpu_defaults()  # As training sets it; before JAX starts.
   workdir = FLAGS.workdir or os.path.join(tempfile.gettempdir(),
                                           'spade_jax_benchmark')
   try:

@@ -134,6 +134,7 @@ from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response
 
 from spade_jax import serve_app
+from spade_jax import xla_cpu
 from spade_jax.serve_app import RequestError
 
 
@@ -622,6 +623,7 @@ def limits_from_flags() -> Limits:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_cpu.apply_cpu_defaults()  # Before anything starts JAX.
   if FLAGS.max_batch < 1:
     raise app.UsageError('--max_batch must be at least 1.')
   for name in ('max_pixels', 'max_decodes'):

@@ -51,6 +51,7 @@ from spade_jax import input_pipeline
 from spade_jax import label_maps
 from spade_jax import model_io
 from spade_jax import visualize
+from spade_jax import xla_cpu
 from spade_jax.synthesizer import Synthesizer
 
 MAP_EXTENSIONS = ('.png',)
@@ -426,6 +427,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_cpu.apply_cpu_defaults()  # Before anything starts JAX.
   tf.config.set_visible_devices([], 'GPU')
   try:
     results = synthesize(

@@ -1,0 +1,59 @@
+"""The XLA CPU process settings the entry points apply (`xla_cpu`)."""
+import os
+import subprocess
+import sys
+
+from spade_jax import xla_cpu
+
+FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+VERSION = '0.10.2'
+
+
+def test_adds_the_defaults_to_an_empty_environment():
+  env = {}
+  got = xla_cpu.apply_cpu_defaults(env, VERSION)
+  assert env['XLA_FLAGS'] == got == f'{FLAG}='
+
+
+def test_keeps_the_users_flags_and_their_own_value():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  xla_cpu.apply_cpu_defaults(env, VERSION)
+  assert env['XLA_FLAGS'].split() == [
+      '--xla_force_host_platform_device_count=8', f'{FLAG}=']
+  mine = f'{FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+  env = {'XLA_FLAGS': mine}
+  xla_cpu.apply_cpu_defaults(env, VERSION)
+  assert env['XLA_FLAGS'] == mine
+
+
+def test_applying_twice_changes_nothing_more():
+  env = {}
+  once = xla_cpu.apply_cpu_defaults(env, VERSION)
+  assert xla_cpu.apply_cpu_defaults(env, VERSION) == once == env['XLA_FLAGS']
+
+
+def test_other_jaxlib_versions_are_left_alone():
+  """XLA stops a process on a flag it does not know: only the measured
+  jaxlib line gets them."""
+  env = {'XLA_FLAGS': '--xla_dump_to=x'}
+  assert xla_cpu.apply_cpu_defaults(env, '0.11.0') == '--xla_dump_to=x'
+  assert env == {'XLA_FLAGS': '--xla_dump_to=x'}
+
+
+def test_the_installed_xla_accepts_the_defaults():
+  """A process started with the defaults runs a convolution (an unknown
+  flag would abort it)."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  flags = xla_cpu.apply_cpu_defaults(env)
+  assert FLAG in flags
+  code = ('import jax, jax.numpy as jnp; '
+          'x = jnp.ones((1, 8, 8, 4)); k = jnp.ones((3, 3, 4, 4)); '
+          'print(float(jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", '
+          'dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()))')
+  out = subprocess.run([sys.executable, '-c', code], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  # Ones, SAME: each output is 4 channels x the in-bounds taps; the taps
+  # per row sum to 2 + 6 * 3 + 2 = 22, so 22 * 22 pixels-taps, 4 x 4 channels.
+  assert float(out.stdout.split()[-1]) == 22 * 22 * 4 * 4
