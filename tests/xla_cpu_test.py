@@ -6,24 +6,28 @@ import sys
 from spade_jax import xla_cpu
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+SCHEDULER = '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
 VERSION = '0.10.2'
 
 
 def test_adds_the_defaults_to_an_empty_environment():
   env = {}
   got = xla_cpu.apply_cpu_defaults(env, VERSION)
-  assert env['XLA_FLAGS'] == got == f'{FLAG}='
+  assert env['XLA_FLAGS'] == got == f'{FLAG}= {SCHEDULER}'
 
 
 def test_keeps_the_users_flags_and_their_own_value():
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   xla_cpu.apply_cpu_defaults(env, VERSION)
   assert env['XLA_FLAGS'].split() == [
-      '--xla_force_host_platform_device_count=8', f'{FLAG}=']
+      '--xla_force_host_platform_device_count=8', f'{FLAG}=', SCHEDULER]
   mine = f'{FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
   env = {'XLA_FLAGS': mine}
   xla_cpu.apply_cpu_defaults(env, VERSION)
-  assert env['XLA_FLAGS'] == mine
+  assert env['XLA_FLAGS'] == f'{mine} {SCHEDULER}'
+  every = f'{mine} --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'
+  env = {'XLA_FLAGS': every}
+  assert xla_cpu.apply_cpu_defaults(env, VERSION) == every
 
 
 def test_applying_twice_changes_nothing_more():
@@ -46,7 +50,7 @@ def test_the_installed_xla_accepts_the_defaults():
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   flags = xla_cpu.apply_cpu_defaults(env)
-  assert FLAG in flags
+  assert FLAG in flags and SCHEDULER in flags
   code = ('import jax, jax.numpy as jnp; '
           'x = jnp.ones((1, 8, 8, 4)); k = jnp.ones((3, 3, 4, 4)); '
           'print(float(jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", '
