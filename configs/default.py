@@ -74,9 +74,9 @@ def get_config():
   # where the 5x5 label neighbourhood is one class without edges, the dense
   # conv on the gathered other pixels (dense for a batch with more than the
   # capacity), at resolutions whose shorter side >= spade_sparse_min_size.
-  # None (unset): on for the CPU backend at outputs of 256 pixels and more
-  # (shorter side), where it was measured faster (models.spade_sparse);
-  # dense below, on accelerators and with spatial_partitions > 1.
+  # None (unset): on for the CPU backend, where it was measured faster
+  # (models.spade_sparse); dense on accelerators and with spatial_partitions
+  # > 1 (untested there).
   config.spade_sparse = config_dict.placeholder(bool)
   # Capacity as a share of a batch's pixels at every such resolution; None:
   # the per-resolution table measured on COCO-Stuff (models.SPARSE_CAPACITY).

@@ -171,16 +171,20 @@ def spectral_sigma(kernel: jnp.ndarray, u: jnp.ndarray, v: jnp.ndarray,
 
   The kernel's matrix view is (rows, out) = kernel.reshape(-1, out), the
   transpose of PyTorch's (out, rows) view up to the order of the rows.
-  Products with its transpose are written as `vector @ w`: `w.T @ vector`
-  made XLA CPU copy the transposed kernel on every call (31 ms for a 3x3,
-  1024 -> 1024 kernel, more than that convolution at 16x16).
+  Without the power iteration (evaluation) sigma is u . (v @ w): the same
+  sum as u . (w.T @ v), which made XLA CPU copy the transposed kernel on
+  every call (31 ms for a 3x3, 1024 -> 1024 kernel, more than that
+  convolution at 16x16). Training keeps the first form (a rewrite changed
+  the rounding of the sharded training step enough to break the
+  device-count agreement test's margins, docs/performance.md).
   """
   w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-  if power_iteration:
-    w_ng = jax.lax.stop_gradient(w)
-    v = _l2_normalize(w_ng @ u)
-    u = _l2_normalize(v @ w_ng)
-  return jnp.dot(u, v @ w), u, v
+  if not power_iteration:
+    return jnp.dot(u, v @ w), u, v
+  w_ng = jax.lax.stop_gradient(w)
+  v = _l2_normalize(w_ng @ u)
+  u = _l2_normalize(w_ng.T @ v)
+  return jnp.dot(u, w.T @ v), u, v
 
 
 class Conv(nn.Module):
@@ -228,10 +232,10 @@ class Conv(nn.Module):
   def raw_weights(self, in_features: int, train: bool = False):
     """(kernel, sigma or None, bias or None): `weights` before kernel / sigma.
 
-    The convolution divides its output by sigma instead of its kernel: the
-    same function, without writing a scaled copy of the kernel on every
-    call (15 ms for a 3x3, 1024 -> 1024 kernel on this CPU, about what that
-    convolution costs at 16x16).
+    In evaluation the convolution divides its output by sigma instead of
+    its kernel: the same function, without writing a scaled copy of the
+    kernel on every call (15 ms for a 3x3, 1024 -> 1024 kernel on this
+    CPU, about what that convolution costs at 16x16).
     """
     k = self.kernel_size
     init = (xavier_normal() if self.init_kind == 'xavier'
@@ -259,8 +263,9 @@ class Conv(nn.Module):
 
   def __call__(self, x, train: bool = False):
     kernel, sigma, bias = self.raw_weights(semantic_channels(x), train)
-    if sigma is not None and (self.transpose or isinstance(x, LabelMap)):
-      kernel, sigma = kernel / sigma, None
+    if sigma is not None and (train or self.transpose or
+                              isinstance(x, LabelMap)):
+      kernel, sigma = kernel / sigma, None  # Training: as before.
     if not self.transpose:
       return biased_conv(x, kernel, bias, self.padding, self.strides,
                          self.impl, self.dtype, sigma)
@@ -323,16 +328,12 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
            padding: int = 0, impl: str = 'xla') -> jnp.ndarray:
   """NHWC x HWIO convolution with symmetric zero padding.
 
-  impl 'xla': XLA's convolution as is; 'auto': the same function, on CPU
-  with gradients XLA runs fast: `conv2d_forward_form_grads` where
-  `_fast_grads_apply`, else the excess-padding workaround
-  (`_explicit_excess_padding`).
+  impl 'xla': XLA's convolution as is; 'auto': the same, with the CPU
+  excess-padding workaround (`_explicit_excess_padding`).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
   pads = [(padding, padding)] * 2
-  if impl == 'auto' and _fast_grads_apply(kernel, strides, padding):
-    return conv2d_forward_form_grads(x, kernel, padding)
   if impl == 'auto':
     x, pads = _explicit_excess_padding(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(
@@ -342,76 +343,26 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
-# Below this many output channels XLA's own kernel gradient is the faster
-# (the 64 -> 3 image convolution at 256x256: 16 ms vs 34 ms).
-FAST_GRADS_MIN_FEATURES = 32
-
-
-def _fast_grads_apply(kernel: jnp.ndarray, strides: int, padding: int) -> bool:
-  """Whether 'auto' takes `conv2d_forward_form_grads`: CPU, stride 1."""
-  kh, kw, _, cout = kernel.shape
-  return (jax.default_backend() == 'cpu' and strides == 1 and kh == kw
-          and 0 <= padding <= kh - 1 and cout >= FAST_GRADS_MIN_FEATURES)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d_forward_form_grads(x: jnp.ndarray, kernel: jnp.ndarray,
                               padding: int) -> jnp.ndarray:
-  """conv2d(x, kernel, 1, padding), with gradients XLA's CPU runs fast.
+  """conv2d(x, kernel, 1, padding), its gradients written as forward convs.
 
-  The input gradient is a forward convolution of the output gradient with
-  the flipped kernel (bit-identical to autodiff's); the kernel gradient is
-  `_kernel_grad_by_rows`, a few matrix products (equal to float32 rounding).
-  Two CPU problems it avoids:
-  - at the top level, XLA CPU runs the kernel gradient as a convolution
-    whose output is the (kh, kw) kernel and whose contraction is over every
-    pixel, at ~30 GFLOP/s where forward convolutions reach ~300: for a 3x3,
-    128 -> 64 convolution on f32[1, 256, 256, 128], 31 ms forward, 300 ms
-    kernel gradient, 119 ms here (`_kernel_grad_by_rows`);
-  - inside a `lax.cond` branch it leaves the gradient convolutions in the
-    raw form autodiff makes them (kernel gradient `f01b_i01o->01bf`): the
-    kernel gradient of a 3x3, 128 -> 256 convolution on f32[2, 128, 128,
-    128] took 66 s in a branch vs 0.6 s outside.
-  Stride 1, square kernel, symmetric `padding`.
+  For a convolution inside a `lax.cond` branch. XLA's CPU compiler leaves
+  the gradient convolutions of a branch in the raw form autodiff makes them
+  (kernel gradient `f01b_i01o->01bf`) instead of the transposed, library-run
+  form it gives them at the top level: the kernel gradient of a 3x3,
+  128 -> 256 convolution on f32[2, 128, 128, 128] took 66 s in a branch vs
+  0.6 s outside. Here both gradients are plain NHWC x HWIO convolutions of
+  transposed operands (the same sums; the input gradient is bit-identical,
+  the kernel gradient equal to float32 rounding), which run as fast in a
+  branch as outside (0.78 s vs 0.68 s for the whole gradient). Stride 1,
+  symmetric `padding`.
   """
   return jax.lax.conv_general_dilated(x, kernel, (1, 1),
                                       [(padding, padding)] * 2,
                                       dimension_numbers=_DIMS)
-
-
-def _kernel_grad_by_rows(x: jnp.ndarray, g: jnp.ndarray, kh: int, kw: int,
-                         padding: int) -> jnp.ndarray:
-  """The kernel gradient of a stride-1 conv as kh matrix products.
-
-  dk[i, j] = sum over pixels of xpad[h + i, w + j] (outer) g[h, w]. With the
-  padded input flattened (row stride Wp) and g placed on the same grid
-  (zeros in its last Wp - Wo columns), offset (i, j) is a flat shift of
-  i * Wp + j. The kw column shifts of g are stacked on its channels (one
-  (L, kw * cout) matrix), so each kernel row i is ONE product of a
-  contiguous slice of the flat input with it: kh products with a wide
-  right-hand side, which XLA CPU runs near its matmul rate. Images are
-  laid end to end with a zero row after each, so no shift crosses images.
-  Returns (kh, kw, cin, cout) in g's dtype.
-  """
-  n, h, w, cin = x.shape
-  cout = g.shape[-1]
-  hp, wp = h + 2 * padding, w + 2 * padding
-  ho, wo = hp - kh + 1, wp - kw + 1
-  per_image = (hp + 1) * wp
-  used = ho * wp + kw - 1
-  flat_x = jnp.pad(x, ((0, 0), (padding, padding + 1), (padding, padding),
-                       (0, 0))).reshape(n * per_image, cin)
-  flat_x = jnp.pad(flat_x, ((0, (kh - 1) * wp), (0, 0)))
-  flat_g = jnp.pad(g, ((0, 0), (0, 0), (0, wp - wo), (0, 0)))
-  flat_g = jnp.pad(flat_g.reshape(n, ho * wp, cout),
-                   ((0, 0), (kw - 1, used - ho * wp), (0, 0)))
-  shifted = jnp.concatenate(
-      [flat_g[:, kw - 1 - j:kw - 1 - j + used] for j in range(kw)], axis=-1)
-  shifted = jnp.pad(shifted, ((0, 0), (0, per_image - used), (0, 0)))
-  shifted = shifted.reshape(n * per_image, kw * cout)
-  rows = [flat_x[i * wp:i * wp + n * per_image].T @ shifted
-          for i in range(kh)]
-  return jnp.stack(rows).reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
 
 
 def _forward_form_fwd(x, kernel, padding):
@@ -424,9 +375,14 @@ def _forward_form_bwd(padding, residuals, g):
   dx = jax.lax.conv_general_dilated(
       g, kernel[::-1, ::-1].transpose(0, 1, 3, 2), (1, 1), [(back, back)] * 2,
       dimension_numbers=_DIMS)
-  dk = _kernel_grad_by_rows(x, g.astype(x.dtype), kernel.shape[0],
-                            kernel.shape[1], padding)
-  return dx, dk.astype(kernel.dtype)
+  # Kernel gradient: in-channels as the batch, the batch as the features,
+  # the output gradient as a (H, W, N, out) kernel over the padded input.
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding),
+                       (0, 0)))
+  dk = jax.lax.conv_general_dilated(
+      padded.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), 'VALID',
+      dimension_numbers=_DIMS)
+  return dx, dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
 
 conv2d_forward_form_grads.defvjp(_forward_form_fwd, _forward_form_bwd)
@@ -443,13 +399,11 @@ def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
   The edge channel, when present, is a 1-channel convolution. Computed in
   float32; returns (N, H', W', cout).
 
-  One offset-major table (row offset * (num_classes + 1) + id), kh*kw
-  gathers from it, added. Each gather is `mode='clip'` (the indices are in
-  range by construction): the default mode's bounds select made XLA CPU
-  write all kh*kw gathered rows of every pixel before summing them (a
-  f32[1, 256, 256, 9, 128] buffer, 96 ms for one SPADE mlp_shared at
-  256x256 on this CPU); clipped, the gathers and adds are one loop that
-  writes only the output (9 ms).
+  The kh*kw rows of a pixel are gathered by ONE gather (offset-major table,
+  indices offset * (num_classes + 1) + id) and summed by a reduction: with
+  kh*kw separate gathers and adds, XLA CPU fused the adds into every
+  consumer of the result and re-read all kh*kw gathered maps there (the
+  SPADE block backward ran 1.8x slower).
   """
   kh, kw, _, cout = kernel.shape
   nc, p, s = seg.num_classes, padding, strides
@@ -457,12 +411,10 @@ def label_conv(seg: LabelMap, kernel: jnp.ndarray, bias: jnp.ndarray,
   ho, wo = (ids.shape[1] - kh) // s + 1, (ids.shape[2] - kw) // s + 1
   kernel = kernel.astype(jnp.float32)
   table = _offset_major_table(kernel[:, :, :nc])
-  y = bias.astype(jnp.float32)
-  for i in range(kh):
-    for j in range(kw):
-      rows = (ids[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
-              + (i * kw + j) * (nc + 1))
-      y = y + jnp.take(table, rows, axis=0, mode='clip')
+  rows = jnp.stack([ids[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+                    + (i * kw + j) * (nc + 1)
+                    for i in range(kh) for j in range(kw)], axis=-1)
+  y = jnp.take(table, rows, axis=0).sum(axis=-2) + bias.astype(jnp.float32)
   if seg.edges is not None:
     edges = seg.edges[..., None].astype(jnp.float32)
     y = y + conv2d(edges, kernel[:, :, nc:nc + 1], s, p)

@@ -409,30 +409,23 @@ def label_lookup(config) -> bool:
   return jax.default_backend() == 'cpu' if value is None else bool(value)
 
 
-# The unset `spade_sparse` is on (CPU) only for outputs whose shorter side is
-# at least this: measured faster at 256x256, slower at 128x128.
-SPARSE_DEFAULT_MIN_OUTPUT = 256
-
-
 def spade_sparse(config, training: bool = True) -> bool:
-  """config.spade_sparse; unset (None): on for the CPU backend at >= 256.
+  """config.spade_sparse; unset (None): on for the CPU backend.
 
-  Measured on the 2-core CPU on real COCO-Stuff labels, alternating in one
-  process (docs/performance.md, with the XLA CPU defaults of `xla_cpu`):
-  at 256x256 ngf 64 a training step is 15% faster (5.73 vs 6.71 s) and the
-  eval-mode generator 21% (0.83 vs 1.05 s); at 128x128 a training step is
-  2-5% slower (ngf 32 and 64, batch 2: most of that map's pixels are near
-  a boundary), so dense for outputs whose shorter side is below
-  SPARSE_DEFAULT_MIN_OUTPUT. No accelerator figure yet, so dense there, and
-  dense with spatial_partitions > 1 (untested there). `training` is kept
-  for a per-mode default.
+  Measured on the 2-core CPU, alternating in one process
+  (docs/performance.md): on real COCO-Stuff labels training steps are 30%
+  faster at 256x256 ngf 64 and 5-7% at 128x128 ngf 32, the eval-mode
+  generator 10% faster at 256x256; on maps with more boundary pixels than
+  the capacity (random 8x8 blocks at 128x128), where the dense fallback
+  runs, a training step is 9-13% slower. No accelerator figure yet, so
+  dense there, and dense with spatial_partitions > 1 (untested there).
+  `training` is kept for a per-mode default.
   """
   del training
   value = config.spade_sparse
   if value is None:  # Not with images split over devices: untested there.
     return (jax.default_backend() == 'cpu' and
-            config.spatial_partitions == 1 and
-            min(output_size(config)) >= SPARSE_DEFAULT_MIN_OUTPUT)
+            config.spatial_partitions == 1)
   return bool(value)
 
 

@@ -2,9 +2,10 @@
 
 XLA reads its flags (the XLA_FLAGS environment variable) once, when JAX
 starts its first backend, so they are a setting of the process, not of a
-jitted function: the entry points (`spade_jax.main`, `serve`,
-`synthesize`, `evaluate`, `scripts/benchmark.py`) call
-`apply_cpu_defaults()` before anything starts JAX.
+jitted function: the inference entry points (`serve`, `synthesize`,
+`scripts/benchmark.py --mode generate`) call `apply_cpu_defaults()` before
+anything starts JAX. Training does not yet: measured there only together
+with rewrites that did not land (docs/performance.md).
 
 - `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions).
   jaxlib 0.10's CPU compiler hands convolutions, matrix products and some
@@ -13,13 +14,11 @@ jitted function: the entry points (`spade_jax.main`, `serve`,
   small (a 3x3, 1024 -> 1024 convolution at 16x16: 31.6 ms vs 19.2 ms;
   128 -> 256 at 256x256: 155 vs 117 ms; only 128 -> 64 at 256x256 is
   faster with it, 26 vs 32 ms). The eval-mode generator at 256x256,
-  ngf 64: 1.02-1.12 s -> 0.82-0.85 s per image; a training step there:
-  see docs/performance.md.
+  ngf 64: 1.02-1.12 s -> 0.82-0.85 s per image (with the evaluation
+  rewrites of docs/performance.md).
 - `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`: orders
   the program to keep fewer buffers live. The eval-mode generator at
-  256x256: 0.81-0.85 -> 0.74 s per image, temporaries 431 -> 208 MiB;
-  training steps the same time (128x128: 2.23 vs 2.22 s; 256x256: 6.06 vs
-  6.10 s) with 15-33% smaller temporaries.
+  256x256: 0.81-0.85 -> 0.74 s per image, temporaries 431 -> 208 MiB.
 
 A flag the user already set in XLA_FLAGS is left as it is (set
 `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`,

@@ -386,8 +386,8 @@ class _PerDeviceBatchNorm(nn.Module):
 
 # Large enough that no BatchNorm sees 2x2 planes: the generator starts from
 # 4x4 maps (crop / 32), so every batch statistic is over >= 128 values. The
-# dense SPADE path: the boundary-sparse one (the CPU default from 256x256
-# up) equals it to rounding (sparse_spade_test.py), and its gather
+# dense SPADE path: the boundary-sparse one (the CPU training default from
+# 128x128 up) equals it to rounding (sparse_spade_test.py), and its gather
 # buffers take ~6.5 GB per process here, more than five side-by-side
 # training processes fit in.
 SHARDING_CONFIG = dict(batch_size=8, crop_size=128, load_size=144,
