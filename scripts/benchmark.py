@@ -866,8 +866,7 @@ def format_table(record: Dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.mode == 'generate':  # As serve / synthesize set them.
-    xla_cpu.apply_cpu_defaults()  # Before anything starts JAX.
+  xla_cpu.apply_cpu_defaults()  # As training and serving set them.
   workdir = FLAGS.workdir or os.path.join(tempfile.gettempdir(),
                                           'spade_jax_benchmark')
   try:

@@ -171,20 +171,16 @@ def spectral_sigma(kernel: jnp.ndarray, u: jnp.ndarray, v: jnp.ndarray,
 
   The kernel's matrix view is (rows, out) = kernel.reshape(-1, out), the
   transpose of PyTorch's (out, rows) view up to the order of the rows.
-  Without the power iteration (evaluation) sigma is u . (v @ w): the same
-  sum as u . (w.T @ v), which made XLA CPU copy the transposed kernel on
-  every call (31 ms for a 3x3, 1024 -> 1024 kernel, more than that
-  convolution at 16x16). Training keeps the first form (a rewrite changed
-  the rounding of the sharded training step enough to break the
-  device-count agreement test's margins, docs/performance.md).
+  Products with its transpose are written as `vector @ w`: `w.T @ vector`
+  made XLA CPU copy the transposed kernel on every call (31 ms for a 3x3,
+  1024 -> 1024 kernel, more than that convolution at 16x16).
   """
   w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-  if not power_iteration:
-    return jnp.dot(u, v @ w), u, v
-  w_ng = jax.lax.stop_gradient(w)
-  v = _l2_normalize(w_ng @ u)
-  u = _l2_normalize(w_ng.T @ v)
-  return jnp.dot(u, w.T @ v), u, v
+  if power_iteration:
+    w_ng = jax.lax.stop_gradient(w)
+    v = _l2_normalize(w_ng @ u)
+    u = _l2_normalize(v @ w_ng)
+  return jnp.dot(u, v @ w), u, v
 
 
 class Conv(nn.Module):
@@ -232,10 +228,8 @@ class Conv(nn.Module):
   def raw_weights(self, in_features: int, train: bool = False):
     """(kernel, sigma or None, bias or None): `weights` before kernel / sigma.
 
-    In evaluation the convolution divides its output by sigma instead of
-    its kernel: the same function, without writing a scaled copy of the
-    kernel on every call (15 ms for a 3x3, 1024 -> 1024 kernel on this
-    CPU, about what that convolution costs at 16x16).
+    The convolution divides its output by sigma instead of its kernel
+    (`sigma_conv`).
     """
     k = self.kernel_size
     init = (xavier_normal() if self.init_kind == 'xavier'
@@ -263,9 +257,9 @@ class Conv(nn.Module):
 
   def __call__(self, x, train: bool = False):
     kernel, sigma, bias = self.raw_weights(semantic_channels(x), train)
-    if sigma is not None and (train or self.transpose or
+    if sigma is not None and (self.transpose or
                               isinstance(x, LabelMap)):
-      kernel, sigma = kernel / sigma, None  # Training: as before.
+      kernel, sigma = kernel / sigma, None
     if not self.transpose:
       return biased_conv(x, kernel, bias, self.padding, self.strides,
                          self.impl, self.dtype, sigma)
@@ -294,10 +288,50 @@ def biased_conv(x: Semantics, kernel: jnp.ndarray,
     if bias is None:
       bias = jnp.zeros(kernel.shape[-1], jnp.float32)
     return label_conv(x, kernel, bias, padding, strides).astype(dtype)
-  y = conv2d(x.astype(dtype), kernel.astype(dtype), strides, padding, impl)
-  if sigma is not None:
-    y = y / sigma.astype(dtype)
+  if sigma is None:
+    y = conv2d(x.astype(dtype), kernel.astype(dtype), strides, padding, impl)
+  else:
+    y = sigma_conv(x.astype(dtype), kernel.astype(dtype),
+                   sigma.astype(jnp.float32), strides, padding, impl)
   return y if bias is None else y + bias.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def sigma_conv(x: jnp.ndarray, kernel: jnp.ndarray, sigma: jnp.ndarray,
+               strides: int = 1, padding: int = 0,
+               impl: str = 'xla') -> jnp.ndarray:
+  """conv2d(x, kernel / sigma), computed as conv2d(x, kernel) / sigma.
+
+  Dividing the output spares writing a scaled copy of the kernel on every
+  call (15 ms for a 3x3, 1024 -> 1024 kernel on this CPU, about what that
+  convolution costs at 16x16). The gradients are the kernel / sigma form's,
+  computed as it computes them: sigma's is -<dK, kernel> / sigma^2 with dK
+  the gradient of the divided kernel, a sum over the kernel. Autodiff of
+  the divided output would keep the undivided output for it (one more
+  activation-sized residual) and sum output x output gradient over every
+  pixel. `sigma` is a float32 scalar; the result is in x's dtype.
+  """
+  y = conv2d(x, kernel, strides, padding, impl)
+  return (y / sigma).astype(y.dtype)
+
+
+def _sigma_conv_fwd(x, kernel, sigma, strides, padding, impl):
+  return sigma_conv(x, kernel, sigma, strides, padding, impl), (x, kernel,
+                                                                sigma)
+
+
+def _sigma_conv_bwd(strides, padding, impl, residuals, g):
+  x, kernel, sigma = residuals
+  _, pullback = jax.vjp(lambda a, k: conv2d(a, k, strides, padding, impl),
+                        x, kernel)
+  dx, dk = pullback(g)  # dk: the gradient of kernel / sigma.
+  dsigma = -jnp.vdot(dk.astype(jnp.float32),
+                     kernel.astype(jnp.float32)) / jnp.square(sigma)
+  return ((dx / sigma).astype(dx.dtype), (dk / sigma).astype(dk.dtype),
+          dsigma.astype(sigma.dtype))
+
+
+sigma_conv.defvjp(_sigma_conv_fwd, _sigma_conv_bwd)
 
 
 # ---------------------------------------------------------------------------

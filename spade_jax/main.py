@@ -17,6 +17,7 @@ import tensorflow as tf
 from spade_jax import checkpoints
 from spade_jax import evaluate
 from spade_jax import train
+from spade_jax import xla_cpu
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints and TensorBoard.')
@@ -52,6 +53,7 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_cpu.apply_cpu_defaults()  # Before anything starts JAX.
   # TensorFlow only feeds data: keep it off any accelerator.
   tf.config.set_visible_devices([], 'GPU')
   initialize_distributed()

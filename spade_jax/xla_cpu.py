@@ -2,10 +2,9 @@
 
 XLA reads its flags (the XLA_FLAGS environment variable) once, when JAX
 starts its first backend, so they are a setting of the process, not of a
-jitted function: the inference entry points (`serve`, `synthesize`,
-`scripts/benchmark.py --mode generate`) call `apply_cpu_defaults()` before
-anything starts JAX. Training does not yet: measured there only together
-with rewrites that did not land (docs/performance.md).
+jitted function: the entry points (`spade_jax.main`, `serve`,
+`synthesize`, `scripts/benchmark.py`) call `apply_cpu_defaults()` before
+anything starts JAX.
 
 - `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions).
   jaxlib 0.10's CPU compiler hands convolutions, matrix products and some
@@ -15,10 +14,11 @@ with rewrites that did not land (docs/performance.md).
   128 -> 256 at 256x256: 155 vs 117 ms; only 128 -> 64 at 256x256 is
   faster with it, 26 vs 32 ms). The eval-mode generator at 256x256,
   ngf 64: 1.02-1.12 s -> 0.82-0.85 s per image (with the evaluation
-  rewrites of docs/performance.md).
+  rewrites of docs/performance.md); training steps: docs/performance.md.
 - `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`: orders
   the program to keep fewer buffers live. The eval-mode generator at
-  256x256: 0.81-0.85 -> 0.74 s per image, temporaries 431 -> 208 MiB.
+  256x256: 0.81-0.85 -> 0.74 s per image, temporaries 431 -> 208 MiB;
+  training steps the same time with 15-33% smaller temporaries.
 
 A flag the user already set in XLA_FLAGS is left as it is (set
 `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`,
