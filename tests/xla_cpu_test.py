@@ -61,3 +61,24 @@ def test_the_installed_xla_accepts_the_defaults():
   # Ones, SAME: each output is 4 channels x the in-bounds taps; the taps
   # per row sum to 2 + 6 * 3 + 2 = 22, so 22 * 22 pixels-taps, 4 x 4 channels.
   assert float(out.stdout.split()[-1]) == 22 * 22 * 4 * 4
+
+
+def test_training_entry_point_applies_them_before_jax_starts(tmp_path):
+  """`python -m spade_jax.main` trains with the defaults in XLA_FLAGS (the
+  user's own flags kept), set before its first JAX call."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  want = xla_cpu.apply_cpu_defaults(dict(env))
+  code = ('import os, sys; from absl import app; '
+          'from spade_jax import main, train; '
+          'train.train_and_evaluate = lambda config, workdir: print('
+          '"FLAGS", os.environ["XLA_FLAGS"], "DEVICES", '
+          '__import__("jax").device_count()); '
+          f'sys.argv = ["main", "--config", "configs/default.py", '
+          f'"--workdir", {str(tmp_path)!r}]; app.run(main.main)')
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f'FLAGS {want} DEVICES 2' in out.stdout, out.stdout[-2000:]
+  assert FLAG in want and SCHEDULER in want
