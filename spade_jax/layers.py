@@ -257,8 +257,7 @@ class Conv(nn.Module):
 
   def __call__(self, x, train: bool = False):
     kernel, sigma, bias = self.raw_weights(semantic_channels(x), train)
-    if sigma is not None and (self.transpose or
-                              isinstance(x, LabelMap)):
+    if sigma is not None and (self.transpose or isinstance(x, LabelMap)):
       kernel, sigma = kernel / sigma, None
     if not self.transpose:
       return biased_conv(x, kernel, bias, self.padding, self.strides,
