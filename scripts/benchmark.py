@@ -407,7 +407,7 @@ def prepare_generate(config: ml_collections.ConfigDict,
   h, w = models.output_size(config)
   init_shape = (1, h, w)
   start = time.perf_counter()
-  g_vars = models.make_generator(config).init(
+  g_vars = jax.jit(models.make_generator(config).init)(  # As training's.
       {'params': jax.random.PRNGKey(config.seed),
        'z': jax.random.PRNGKey(1)},
       jnp.zeros(init_shape, jnp.int32), jnp.zeros(init_shape, jnp.float32))
@@ -694,6 +694,8 @@ MODES: Dict[str, ModeFn] = {
 VARIANTS: Dict[str, Dict[str, Any]] = {
     'dense': {'spade_sparse': False},
     'sparse': {'spade_sparse': True},
+    # The sparse path at the largest resolutions only (>= 256 pixels).
+    'sparse256': {'spade_sparse': True, 'spade_sparse_min_size': 256},
 }
 # Modes whose compiled step --variants can alternate.
 PREPARE = {'train': prepare_train, 'generate': prepare_generate}

@@ -1,8 +1,23 @@
-"""Shared test helpers: where the reference fixtures and sample data live."""
+"""Shared test helpers: where the reference fixtures and sample data live.
+
+Also one persistent JAX compilation cache for the whole test run, in this
+process and in every subprocess the tests start (they inherit the
+environment): many tests and CLI runs compile the same small programs. Set
+JAX_COMPILATION_CACHE_DIR yourself to keep it; otherwise it is a temporary
+folder removed when the run ends.
+"""
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  _CACHE_DIR = tempfile.mkdtemp(prefix='spade_jax_tests_jax_cache_')
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # `../shared` beside the checkout holds reference fixtures and real sample data.

@@ -62,10 +62,10 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Environment of the subprocesses: CPU, a shared compilation cache."""
-  cache = str(tmp_path_factory.mktemp('jax_cache'))
-  e = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+def env():
+  """Environment of the subprocesses: CPU; every program they compile goes
+  to the test run's compilation cache (conftest.py)."""
+  e = dict(os.environ, JAX_PLATFORMS='cpu',
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
            PYTHONPATH=os.pathsep.join([REPO_DIR, TESTS_DIR] + [
@@ -101,6 +101,13 @@ def _run_together(cmds_envs, timeout=1200):
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-5000:]
   return errs
+
+
+def _compile_init_here(config):
+  """Compiles the config's initialisation in this process, into the test
+  run's compilation cache (conftest.py), before subprocesses that start
+  together need it: otherwise each compiles it itself, at the same time."""
+  train_state.create_train_state(config, jax.random.PRNGKey(config.seed))
 
 
 def _run(cmd, env, timeout=600):
@@ -495,6 +502,7 @@ def one_and_eight_devices(tmp_path_factory, env):
   devices (plain: another summation order) and 8 devices (plain +
   unsynchronised BatchNorm), side by side."""
   tmp = tmp_path_factory.mktemp('sharding')
+  _compile_init_here(tiny_config(**SHARDING_CONFIG))
   code = 'import train_test; train_test._sharding_worker({!r}, {!r})'
   variants = {1: ['plain', 'perturbed0', 'perturbed1'], 2: ['plain'],
               8: ['plain', 'unsynced']}
@@ -720,6 +728,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
                  spade_label_lookup=False, data_order_processes=2,
                  **SHARDING_CONFIG)
   config = tiny_config(data_dir=data_dir, **changes)
+  init = jax.device_get(train_state.create_train_state(  # Compiled here once.
+      config, jax.random.PRNGKey(config.seed)))
   address = f'127.0.0.1:{_free_port()}'
   # Five processes on two cores: a generous deadline (about 4 minutes quiet).
   one_err, single_err, pair_err, *errs = _run_together(
@@ -754,8 +764,6 @@ def test_two_processes_match_one_process(tmp_path, data_dir, env):
         key, value, two_losses[key], tol, one_losses, single_losses,
         pair_losses, two_losses)
 
-  init = jax.device_get(train_state.create_train_state(
-      config, jax.random.PRNGKey(config.seed)))
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree_util.tree_leaves(tree)]).astype(
           np.float64)
