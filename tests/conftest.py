@@ -4,7 +4,8 @@ Also one persistent JAX compilation cache for the whole test run, in this
 process and in every subprocess the tests start (they inherit the
 environment): many tests and CLI runs compile the same small programs. Set
 JAX_COMPILATION_CACHE_DIR yourself to keep it; otherwise it is a temporary
-folder removed when the run ends.
+folder removed when the run ends. The cache is keyed by the XLA flags, so
+this process runs with the entry points' XLA CPU defaults as well.
 """
 import atexit
 import os
@@ -14,10 +15,17 @@ import tempfile
 
 import pytest
 
+from spade_jax import xla_cpu
+
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   _CACHE_DIR = tempfile.mkdtemp(prefix='spade_jax_tests_jax_cache_')
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+
+# The XLA CPU flags `spade_jax.main` and the other entry points run with, in
+# this process too (before anything starts JAX) and so in its subprocesses:
+# the same programs then compile to the same cache entries everywhere.
+xla_cpu.apply_cpu_defaults()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # `../shared` beside the checkout holds reference fixtures and real sample data.

@@ -32,6 +32,7 @@ from spade_jax import run_config
 from spade_jax import sharding
 from spade_jax import train
 from spade_jax import train_state
+from spade_jax import xla_cpu
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -76,7 +77,12 @@ def env():
 
 
 def _with_devices(env, n):
-  return dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+  """`env` with n CPU devices and the entry points' XLA CPU defaults (as
+  in this process: conftest.py), so that programs compiled here and in
+  the subprocesses share the compilation cache."""
+  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+  xla_cpu.apply_cpu_defaults(env)
+  return env
 
 
 def _main_cmd(workdir, data_dir, **changes):
