@@ -81,7 +81,10 @@ def get_config():
   # Capacity as a share of a batch's pixels at every such resolution; None:
   # the per-resolution table measured on COCO-Stuff (models.SPARSE_CAPACITY).
   config.spade_sparse_capacity = config_dict.placeholder(float)
-  config.spade_sparse_min_size = 128
+  # 256: at 128x128 (ngf 32) the dense path trained faster, and a 256x256
+  # model trained faster sparse only at 256 than sparse at 128 and 256 too
+  # (docs/performance.md).
+  config.spade_sparse_min_size = 256
   # False only to count the sparse branch's FLOPs (scripts/benchmark.py):
   # without the dense fallback a batch over the capacity gives NaN.
   config.spade_sparse_fallback = True

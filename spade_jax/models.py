@@ -89,7 +89,7 @@ class SPADEGenerator(nn.Module):
   # shorter side.
   sparse: bool = False
   sparse_capacity: Tuple[Tuple[int, Any], ...] = None
-  sparse_min_size: int = 128
+  sparse_min_size: int = 256
   sparse_fallback: bool = True  # False: only to count FLOPs (layers.SPADE).
   conv_impl: str = 'auto'
   # Rematerialise each SPADE residual block in the backward pass (nn.remat):
@@ -413,11 +413,13 @@ def spade_sparse(config, training: bool = True) -> bool:
   """config.spade_sparse; unset (None): on for the CPU backend.
 
   Measured on the 2-core CPU, alternating in one process
-  (docs/performance.md): on real COCO-Stuff labels training steps are 30%
-  faster at 256x256 ngf 64 and 5-7% at 128x128 ngf 32, the eval-mode
-  generator 10% faster at 256x256; on maps with more boundary pixels than
-  the capacity (random 8x8 blocks at 128x128), where the dense fallback
-  runs, a training step is 9-13% slower. No accelerator figure yet, so
+  (docs/performance.md): on real COCO-Stuff labels a 256x256 ngf 64
+  training step is 8-25% faster (sparse at 256x256 only: the default
+  spade_sparse_min_size; the machine's speed varied between days), the
+  eval-mode generator 7-20% faster; at 128x128 ngf 32 the dense path was
+  8-9% faster, so min_size 256 keeps that size dense. On maps with more
+  boundary pixels than the capacity, where the dense fallback runs, a
+  training step is 9-13% slower. No accelerator figure yet, so
   dense there, and dense with spatial_partitions > 1 (untested there).
   `training` is kept for a per-mode default.
   """

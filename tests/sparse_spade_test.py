@@ -311,6 +311,9 @@ def test_sparse_config_and_resolution_policy():
   assert not models.make_generator(tiny_config(spade_sparse=False)).sparse
   gen = models.make_generator(tiny_config(spade_sparse=True))
   assert gen.sparse_fraction((256, 256)) == (0.25, 0.4)  # Two buckets.
+  assert gen.sparse_fraction((128, 192)) is None  # Below min_size (256).
+  gen = models.make_generator(tiny_config(spade_sparse=True,
+                                          spade_sparse_min_size=128))
   assert gen.sparse_fraction((128, 192)) == models.SPARSE_CAPACITY[1][1]
   assert gen.sparse_fraction((64, 64)) is None  # Below spade_sparse_min_size.
   gen = models.make_generator(tiny_config(
