@@ -83,7 +83,33 @@ def fake_train_state(config, seed=0):
     return (rng.normal(size=shape) / np.sqrt(fan_in)).astype(dtype)
 
   state = jax.tree_util.tree_map_with_path(fill, abstract)
+  g_stats = dict(state.g.batch_stats)
+  for net, stats in g_stats.items():
+    g_stats[net] = _top_singular_vectors(state.g.params[net], stats)
+  g = state.g.replace(batch_stats=g_stats)
+  if g.ema_params is not None:  # Matching g_stats' spectral vectors too.
+    g = g.replace(ema_params=g.params['generator'])
+  d = state.d.replace(batch_stats=_top_singular_vectors(state.d.params,
+                                                        state.d.batch_stats))
+  state = state.replace(g=g, d=d)
   return jax.tree_util.tree_map(jnp.asarray, state)
+
+
+def _top_singular_vectors(params, stats):
+  """`stats` with each spectral conv's sn_u / sn_v set to its kernel's top
+  singular vectors (sigma is then the kernel's spectral norm). Random ones
+  give a tiny sigma: the kernels blow up, every output pixel saturates at
+  +-1, and any rounding difference flips a pixel from 0 to 255."""
+  if not isinstance(stats, dict):
+    return stats
+  if 'sn_u' in stats:
+    w = np.asarray(params['kernel'], np.float64)
+    w = w.reshape(-1, w.shape[-1])  # (rows, out), as layers.spectral_sigma.
+    left, _, right = np.linalg.svd(w, full_matrices=False)
+    return dict(stats, sn_u=right[0].astype(np.float32),
+                sn_v=left[:, 0].astype(np.float32))
+  return {k: _top_singular_vectors(params.get(k, {}) if isinstance(
+      params, dict) else {}, v) for k, v in stats.items()}
 
 
 def make_workdir(workdir, config, seed=0):
