@@ -83,10 +83,8 @@ def fake_train_state(config, seed=0):
     return (rng.normal(size=shape) / np.sqrt(fan_in)).astype(dtype)
 
   state = jax.tree_util.tree_map_with_path(fill, abstract)
-  g_stats = dict(state.g.batch_stats)
-  for net, stats in g_stats.items():
-    g_stats[net] = _top_singular_vectors(state.g.params[net], stats)
-  g = state.g.replace(batch_stats=g_stats)
+  g = state.g.replace(batch_stats=_top_singular_vectors(state.g.params,
+                                                        state.g.batch_stats))
   if g.ema_params is not None:  # Matching g_stats' spectral vectors too.
     g = g.replace(ema_params=g.params['generator'])
   d = state.d.replace(batch_stats=_top_singular_vectors(state.d.params,
