@@ -88,8 +88,9 @@ def get_config():
   # False only to count the sparse branch's FLOPs (scripts/benchmark.py):
   # without the dense fallback a batch over the capacity gives NaN.
   config.spade_sparse_fallback = True
-  # Convolution implementation: auto | xla. auto: XLA's, plus a CPU
-  # workaround for convs padded beyond (k - 1) // 2 (layers.conv2d).
+  # Convolution implementation: auto | xla | padding_only. auto: XLA's, plus
+  # CPU workarounds: convs padded beyond (k - 1) // 2 padded outside, kernel
+  # gradients of large maps as matrix products (layers.conv2d).
   config.conv_impl = 'auto'
 
   # ---- Losses ----------------------------------------------------------------

@@ -697,6 +697,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     'sparse': {'spade_sparse': True},
     # From 128x128 up (the default until measured slower: docs/performance.md).
     'sparse128': {'spade_sparse': True, 'spade_sparse_min_size': 128},
+    # The config's SPADE path with XLA's own kernel gradients (CPU: without
+    # layers.conv2d_matmul_kernel_grad).
+    'xla_kernel_grad': {'conv_impl': 'padding_only'},
 }
 # Modes whose compiled step --variants can alternate.
 PREPARE = {'train': prepare_train, 'generate': prepare_generate}

@@ -202,7 +202,7 @@ class Conv(nn.Module):
       hide Module.init.)
     transpose: ConvTranspose2d(kernel, stride 2, padding 1, output_padding 1).
     dtype: compute dtype.
-    impl: 'auto' or 'xla' (`conv2d`; not for `transpose`).
+    impl: one of CONV_IMPLS (`conv2d`; not for `transpose`).
   """
   features: int
   kernel_size: int = 3
@@ -334,9 +334,10 @@ sigma_conv.defvjp(_sigma_conv_fwd, _sigma_conv_bwd)
 
 
 # ---------------------------------------------------------------------------
-# Convolution: XLA's, with a CPU workaround ('auto').
+# Convolution: XLA's, with CPU workarounds ('auto').
 # ---------------------------------------------------------------------------
-CONV_IMPLS = ('auto', 'xla')
+CONV_IMPLS = ('auto', 'xla', 'padding_only')
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _explicit_excess_padding(x, kernel, strides: int, padding: int):
@@ -361,20 +362,90 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
            padding: int = 0, impl: str = 'xla') -> jnp.ndarray:
   """NHWC x HWIO convolution with symmetric zero padding.
 
-  impl 'xla': XLA's convolution as is; 'auto': the same, with the CPU
-  excess-padding workaround (`_explicit_excess_padding`).
+  impl 'xla': XLA's convolution as is; 'auto': the same function with the
+  CPU workarounds, the excess padding outside the convolution
+  (`_explicit_excess_padding`) and the kernel gradient as matrix products
+  where they are faster (`conv2d_matmul_kernel_grad`); 'padding_only': the
+  first workaround alone, XLA's own kernel gradients (to time the products
+  against them: `scripts/benchmark.py --variants xla_kernel_grad,...`).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
-  pads = [(padding, padding)] * 2
-  if impl == 'auto':
+  if impl != 'xla' and jax.default_backend() == 'cpu':
     x, pads = _explicit_excess_padding(x, kernel, strides, padding)
+    if impl == 'auto' and _matmul_kernel_grad_pays(x, kernel, strides,
+                                                   pads[0][0]):
+      return conv2d_matmul_kernel_grad(x, kernel, strides, pads[0][0])
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
+                                        dimension_numbers=_DIMS)
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), pads,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, kernel, (strides, strides), [(padding, padding)] * 2,
+      dimension_numbers=_DIMS)
 
 
-_DIMS = ('NHWC', 'HWIO', 'NHWC')
+# Where the products beat XLA CPU's kernel-gradient convolution (measured,
+# docs/performance.md): enough output pixels and input channels.
+_MATMUL_GRAD_MIN_PIXELS = 4096
+_MATMUL_GRAD_MIN_CHANNELS = 8
+
+
+def _matmul_kernel_grad_pays(x, kernel, strides: int, padding: int) -> bool:
+  n, h, w, cin = x.shape
+  ho = (h + 2 * padding - kernel.shape[0]) // strides + 1
+  wo = (w + 2 * padding - kernel.shape[1]) // strides + 1
+  return (n * ho * wo >= _MATMUL_GRAD_MIN_PIXELS
+          and cin >= _MATMUL_GRAD_MIN_CHANNELS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_matmul_kernel_grad(x: jnp.ndarray, kernel: jnp.ndarray,
+                              strides: int, padding: int) -> jnp.ndarray:
+  """XLA's convolution; its kernel gradient computed as kh * kw products.
+
+  The kernel gradient's tap (i, j) is sum over output pixels p of
+  dy[p] (x) padded_x[p * strides + (i, j)]: one matrix product of the
+  output gradient, transposed once to (out, pixels), with a strided slice
+  of the padded input, (pixels, in). (With the input transposed instead,
+  XLA CPU transposes each of the kh * kw slices, 2-3x slower.) XLA CPU's
+  own kernel-gradient convolution runs at 50-110 GFLOP/s on the large
+  maps of SPADE's layers where these products reach 150-240 (3x3,
+  64 -> 32 on f32[2, 128, 128, 64] after a ReLU: 23.8 vs 11.5 ms); on
+  small maps with many channels it is the faster one, hence
+  `_matmul_kernel_grad_pays`. The same sums in another order (float32
+  rounding); the input gradient is XLA's own.
+  """
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides),
+                                      [(padding, padding)] * 2,
+                                      dimension_numbers=_DIMS)
+
+
+def _matmul_kernel_grad_fwd(x, kernel, strides, padding):
+  return conv2d_matmul_kernel_grad(x, kernel, strides, padding), (x, kernel)
+
+
+def _matmul_kernel_grad_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, pullback = jax.vjp(
+      lambda a: jax.lax.conv_general_dilated(
+          a, kernel, (strides, strides), [(padding, padding)] * 2,
+          dimension_numbers=_DIMS), x)
+  dx, = pullback(g)
+  kh, kw = kernel.shape[:2]
+  ho, wo = g.shape[1], g.shape[2]
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding),
+                       (0, 0)))
+  over_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  taps = [[jax.lax.dot_general(
+      g, padded[:, i:i + strides * (ho - 1) + 1:strides,
+                j:j + strides * (wo - 1) + 1:strides], over_pixels,
+      preferred_element_type=jnp.float32) for j in range(kw)]
+          for i in range(kh)]  # Each (out, in).
+  dk = jnp.stack([jnp.stack(row) for row in taps]).transpose(0, 1, 3, 2)
+  return dx, dk.astype(kernel.dtype)
+
+
+conv2d_matmul_kernel_grad.defvjp(_matmul_kernel_grad_fwd,
+                                 _matmul_kernel_grad_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

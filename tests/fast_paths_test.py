@@ -318,6 +318,81 @@ def count_primitive(jaxpr, name: str) -> int:
   return count
 
 
+@pytest.mark.parametrize('kernel_size,strides,padding', [
+    (3, 1, 1), (4, 2, 2), (4, 2, 1), (3, 2, 1), (1, 1, 0), (4, 1, 1),
+    (3, 1, 0)])
+def test_matmul_kernel_grad_equals_autodiff(kernel_size, strides, padding):
+  """`conv2d_matmul_kernel_grad`: XLA's output, bit for bit; input and kernel
+  gradients equal XLA's autodiff to float32 rounding (odd sizes, strides 1
+  and 2, the discriminator's 4x4 layers)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 11, 9, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 3)),
+                       jnp.float32)
+
+  def xla(a, k):
+    return jax.lax.conv_general_dilated(
+        a, k, (strides, strides), [(padding, padding)] * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  y = xla(x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+
+  def loss(conv):
+    f = lambda a, k: jnp.vdot(conv(a, k), g)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, kernel)
+
+  got_y = layers.conv2d_matmul_kernel_grad(x, kernel, strides, padding)
+  np.testing.assert_array_equal(np.asarray(got_y), np.asarray(y))
+  want = loss(xla)
+  got = loss(lambda a, k: layers.conv2d_matmul_kernel_grad(a, k, strides,
+                                                           padding))
+  assert_close(got[0], want[0])
+  np.testing.assert_array_equal(np.asarray(got[1][0]),
+                                np.asarray(want[1][0]))  # XLA's own.
+  assert_close(got[1][1], want[1][1])  # Kernel gradient.
+  assert float(jnp.abs(want[1][1]).max()) > 1.0  # Not trivially zero.
+
+
+def test_matmul_kernel_grad_keeps_the_compute_dtype():
+  """bfloat16 operands: the products accumulate in float32 and the kernel
+  gradient comes back in the kernel's dtype, close to XLA's."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 4)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 2)), jnp.bfloat16)
+  conv = lambda a, k: layers.conv2d_matmul_kernel_grad(a, k, 1, 1)
+  dk = jax.grad(lambda k: conv(x, k).astype(jnp.float32).sum())(kernel)
+  want = jax.grad(lambda k: layers.conv2d(x, k, 1, 1, 'xla').astype(
+      jnp.float32).sum())(kernel)
+  assert dk.dtype == jnp.bfloat16
+  assert_close(dk.astype(jnp.float32), want.astype(jnp.float32), 2e-2)
+
+
+def test_auto_takes_the_matmul_kernel_grad_on_large_cpu_maps():
+  """'auto' on CPU: the products where they were measured faster (enough
+  output pixels and input channels), XLA's convolution elsewhere; 'xla'
+  and 'padding_only' never."""
+  def primitives(impl, x_shape, kernel_shape, strides=1, padding=1):
+    jaxpr = jax.make_jaxpr(
+        lambda a, k: layers.conv2d(a, k, strides, padding, impl))(
+            jnp.zeros(x_shape), jnp.zeros(kernel_shape))
+    return [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+  on_cpu = jax.default_backend() == 'cpu'
+  large = primitives('auto', (1, 64, 64, 8), (3, 3, 8, 4))
+  assert ('custom_vjp_call' in large) == on_cpu
+  for impl in ('xla', 'padding_only'):  # XLA's own kernel gradients.
+    assert 'custom_vjp_call' not in primitives(impl, (1, 64, 64, 8),
+                                               (3, 3, 8, 4))
+  # Below the thresholds: 63 x 63 output pixels; one input channel.
+  assert 'custom_vjp_call' not in primitives('auto', (1, 63, 63, 8),
+                                             (3, 3, 8, 4))
+  assert 'custom_vjp_call' not in primitives('auto', (1, 64, 64, 1),
+                                             (3, 3, 1, 4))
+  # Stride 2 counts the output pixels: 128 x 128 in, 64 x 64 out.
+  assert ('custom_vjp_call' in primitives(
+      'auto', (1, 128, 128, 8), (4, 4, 8, 4), 2, 1)) == on_cpu
+
+
 def test_conv_impl_reaches_every_convolution():
   """'auto' pads every stride-1 conv padded beyond (k - 1) // 2 explicitly
   on CPU (the PatchGAN's last two layers, at each scale); 'xla' none."""
