@@ -382,6 +382,41 @@ class ConvEncoder(nn.Module):
     return self.fc_mu(x), self.fc_var(x)
 
 
+# torchvision `vgg19().features` up to relu5_1 (index 29), the VGG loss's
+# network (SPEC.md), and the slice ends (exclusive) of its five outputs:
+# relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
+VGG19_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512,
+             512, 512, 'M', 512)
+VGG19_SLICE_ENDS = (2, 7, 12, 21, 30)
+
+
+def vgg19_features() -> nn.Sequential:
+  """torchvision's vgg19 `features[:30]` built by hand, random weights.
+
+  He-scaled weights and small random biases so activations stay O(1);
+  eval mode. Keys are torchvision's (`features.{index}.weight`).
+  """
+  torch.manual_seed(0)
+  layers = []
+  cin = 3
+  for v in VGG19_CFG:
+    if v == 'M':
+      layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    else:
+      layers += [nn.Conv2d(cin, v, kernel_size=3, padding=1),
+                 nn.ReLU(inplace=True)]
+      cin = v
+  features = nn.Sequential(*layers)
+  assert len(features) == VGG19_SLICE_ENDS[-1]
+  with torch.no_grad():
+    for m in features:
+      if isinstance(m, nn.Conv2d):
+        fan_in = m.in_channels * 9
+        m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+        m.bias.normal_(0.0, 0.05)
+  return features.eval()
+
+
 def build_generator(opt: Mapping) -> nn.Module:
   """SPADEGenerator, or Pix2PixHDGenerator when opt['netG'] == 'pix2pixhd'."""
   if _full(opt)['netG'] == 'pix2pixhd':

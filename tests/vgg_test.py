@@ -6,44 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch import nn as tnn
 
 from spade_jax import vgg as vgg_lib
-
-# torchvision `vgg19().features` config up to relu5_1 (index 29).
-_TORCH_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512,
-              512, 512, 'M', 512]
-# Slice ends (exclusive) in the Sequential: relu1_1, relu2_1, ..., relu5_1.
-_SLICE_ENDS = (2, 7, 12, 21, 30)
-
-
-def _torch_features():
-  """torchvision's vgg19 `features[:30]` built by hand, random weights."""
-  torch.manual_seed(0)
-  layers = []
-  cin = 3
-  for v in _TORCH_CFG:
-    if v == 'M':
-      layers.append(tnn.MaxPool2d(kernel_size=2, stride=2))
-    else:
-      layers += [tnn.Conv2d(cin, v, kernel_size=3, padding=1),
-                 tnn.ReLU(inplace=True)]
-      cin = v
-  features = tnn.Sequential(*layers)
-  assert len(features) == 30
-  # He-scaled weights and small random biases so activations stay O(1).
-  with torch.no_grad():
-    for m in features:
-      if isinstance(m, tnn.Conv2d):
-        fan_in = m.in_channels * 9
-        m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
-        m.bias.normal_(0.0, 0.05)
-  return features.eval()
-
+import torch_reference
 
 @pytest.fixture(scope='module')
 def torch_features():
-  return _torch_features()
+  return torch_reference.vgg19_features()
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +34,7 @@ def _torch_slices(features, x_nchw):
   start = 0
   h = torch.from_numpy(x_nchw)
   with torch.no_grad():
-    for end in _SLICE_ENDS:
+    for end in torch_reference.VGG19_SLICE_ENDS:
       h = features[start:end](h)
       outs.append(h.numpy().transpose(0, 2, 3, 1).copy())
       start = end
