@@ -120,14 +120,6 @@ def make_iteration(values):
     return ([[t[:n] for t in scale] for scale in out],
             [[t[n:] for t in scale] for scale in out])
 
-  def vgg_features(x):
-    outs, start = [], 0
-    for end in tr.VGG19_SLICE_ENDS:
-      x = vgg[start:end](x)
-      outs.append(x)
-      start = end
-    return outs
-
   def iteration():
     opt_g.zero_grad()
     fake = generator(seg)
@@ -141,7 +133,8 @@ def make_iteration(values):
     if vgg is not None:
       loss = loss + sum(
           w * F.l1_loss(a, b.detach()) for w, a, b in zip(
-              VGG_WEIGHTS, vgg_features(fake), vgg_features(real))
+              VGG_WEIGHTS, tr.vgg19_slices(vgg, fake),
+              tr.vgg19_slices(vgg, real))
       ) * values['lambda_vgg']
     loss.backward()
     opt_g.step()
@@ -180,7 +173,7 @@ def run(values) -> dict:
     raise RuntimeError(f'Non-finite losses {losses}: the timing is void.')
   return {
       'benchmark': 'reference_torch_train_iteration',
-      **{k: values[k] for k in sorted(values) if k != 'json'},
+      **values,
       'torch_version': torch.__version__,
       'torch_threads': torch.get_num_threads(),
       'ms_per_step_median': 1e3 * statistics.median(times),
@@ -195,10 +188,9 @@ def run(values) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  values = {name: FLAGS[name].value for name in (
-      'crop_size', 'ngf', 'ndf', 'n_layers_D', 'num_D', 'batch_size',
-      'label_nc', 'contain_dontcare_label', 'no_instance', 'lambda_vgg',
-      'lambda_feat', 'lr', 'steps', 'warmup', 'threads', 'seed')}
+  values = {f.name: f.value
+            for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])
+            if f.name != 'json'}  # The options define_flags defined.
   try:
     record = run(values)
   except ValueError as e:

@@ -371,16 +371,14 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int = 1,
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}.')
+  pads = [(padding, padding)] * 2
   if impl != 'xla' and jax.default_backend() == 'cpu':
     x, pads = _explicit_excess_padding(x, kernel, strides, padding)
     if impl == 'auto' and _matmul_kernel_grad_pays(x, kernel, strides,
                                                    pads[0][0]):
       return conv2d_matmul_kernel_grad(x, kernel, strides, pads[0][0])
-    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
-                                        dimension_numbers=_DIMS)
-  return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), [(padding, padding)] * 2,
-      dimension_numbers=_DIMS)
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
+                                      dimension_numbers=_DIMS)
 
 
 # Where the products beat XLA CPU's kernel-gradient convolution (measured,
@@ -414,9 +412,7 @@ def conv2d_matmul_kernel_grad(x: jnp.ndarray, kernel: jnp.ndarray,
   `_matmul_kernel_grad_pays`. The same sums in another order (float32
   rounding); the input gradient is XLA's own.
   """
-  return jax.lax.conv_general_dilated(x, kernel, (strides, strides),
-                                      [(padding, padding)] * 2,
-                                      dimension_numbers=_DIMS)
+  return conv2d(x, kernel, strides, padding, 'xla')
 
 
 def _matmul_kernel_grad_fwd(x, kernel, strides, padding):
@@ -426,9 +422,7 @@ def _matmul_kernel_grad_fwd(x, kernel, strides, padding):
 def _matmul_kernel_grad_bwd(strides, padding, residuals, g):
   x, kernel = residuals
   _, pullback = jax.vjp(
-      lambda a: jax.lax.conv_general_dilated(
-          a, kernel, (strides, strides), [(padding, padding)] * 2,
-          dimension_numbers=_DIMS), x)
+      lambda a: conv2d(a, kernel, strides, padding, 'xla'), x)
   dx, = pullback(g)
   kh, kw = kernel.shape[:2]
   ho, wo = g.shape[1], g.shape[2]

@@ -330,11 +330,7 @@ def test_matmul_kernel_grad_equals_autodiff(kernel_size, strides, padding):
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 3)),
                        jnp.float32)
 
-  def xla(a, k):
-    return jax.lax.conv_general_dilated(
-        a, k, (strides, strides), [(padding, padding)] * 2,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
+  xla = lambda a, k: layers.conv2d(a, k, strides, padding, 'xla')
   y = xla(x, kernel)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
 

@@ -417,6 +417,17 @@ def vgg19_features() -> nn.Sequential:
   return features.eval()
 
 
+def vgg19_slices(features: nn.Sequential,
+                 x: torch.Tensor) -> List[torch.Tensor]:
+  """The VGG loss's five outputs (relu1_1 ... relu5_1) of NCHW `x`."""
+  outs, start = [], 0
+  for end in VGG19_SLICE_ENDS:
+    x = features[start:end](x)
+    outs.append(x)
+    start = end
+  return outs
+
+
 def build_generator(opt: Mapping) -> nn.Module:
   """SPADEGenerator, or Pix2PixHDGenerator when opt['netG'] == 'pix2pixhd'."""
   if _full(opt)['netG'] == 'pix2pixhd':

@@ -10,6 +10,7 @@ import torch
 from spade_jax import vgg as vgg_lib
 import torch_reference
 
+
 @pytest.fixture(scope='module')
 def torch_features():
   return torch_reference.vgg19_features()
@@ -30,15 +31,9 @@ def pth_file(tmp_path_factory, torch_features):
 
 
 def _torch_slices(features, x_nchw):
-  outs = []
-  start = 0
-  h = torch.from_numpy(x_nchw)
   with torch.no_grad():
-    for end in torch_reference.VGG19_SLICE_ENDS:
-      h = features[start:end](h)
-      outs.append(h.numpy().transpose(0, 2, 3, 1).copy())
-      start = end
-  return outs
+    outs = torch_reference.vgg19_slices(features, torch.from_numpy(x_nchw))
+  return [h.numpy().transpose(0, 2, 3, 1).copy() for h in outs]
 
 
 @pytest.fixture(scope='module')
