@@ -728,6 +728,7 @@ def finish_record(record: Dict[str, Any], config: ml_collections.ConfigDict,
       devices_visible=jax.device_count(),
       process_count=jax.process_count(), cpu_count=os.cpu_count(),
       jax_version=jax.__version__, load_average_1min=os.getloadavg()[0],
+      **xla_cpu.cpu_description(),
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       random_vgg_for_timing=bool(random_vgg_for_timing and
                                  config.lambda_vgg > 0 and

@@ -33,6 +33,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+# The CPU's description only (no JAX: this process runs PyTorch alone).
+from spade_jax import xla_cpu
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_REPO_ROOT, 'tests'))
 
@@ -182,6 +185,7 @@ def run(values) -> dict:
       'images_per_s': values['batch_size'] * len(times) / sum(times),
       'load_average_1min_before': load_before,
       'load_average_1min': os.getloadavg()[0],
+      **xla_cpu.cpu_description(),
   }
 
 

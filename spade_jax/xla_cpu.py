@@ -20,6 +20,10 @@ anything starts JAX.
   256x256: 0.81-0.85 -> 0.74 s per image, temporaries 431 -> 208 MiB;
   training steps the same time with 15-33% smaller temporaries.
 
+Both were measured on the project's 2-core machines; which kernels win
+depends on the CPU under the VM, so `cpu_description()` names it in every
+benchmark record.
+
 A flag the user already set in XLA_FLAGS is left as it is (set
 `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`,
 for instance, to measure with YNNPACK's convolutions), and so is
@@ -28,7 +32,8 @@ jaxlib 0.10.x, whose flags these are: XLA stops the process on a flag it
 does not know.
 """
 import os
-from typing import MutableMapping, Optional, Tuple
+import platform
+from typing import Dict, MutableMapping, Optional, Tuple
 
 from absl import logging
 
@@ -72,3 +77,42 @@ def apply_cpu_defaults(environ: Optional[MutableMapping[str, str]] = None,
     return current
   environ['XLA_FLAGS'] = ' '.join([current] + missing).strip()
   return environ['XLA_FLAGS']
+
+
+# Vector extensions whose presence changes which CPU kernels are fastest.
+SIMD_FLAGS = ('avx', 'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_tile')
+
+
+def cpu_description(cpuinfo: Optional[str] = None) -> Dict[str, str]:
+  """The host CPU as /proc/cpuinfo names it, for benchmark records.
+
+  XLA's and PyTorch's CPU kernels gain differently from the vector units
+  (docs/performance.md: our training step took 0.58x the reference's on
+  one machine of the project's kind and 0.82x on another), so a timing
+  names the CPU it was taken on. Returns cpu_model (the first processor's
+  'model name', with its vendor, family and model numbers, which a
+  hypervisor keeps where it shortens the name) and cpu_simd (the
+  SIMD_FLAGS it has, space-separated). `cpuinfo` is for tests; where
+  /proc/cpuinfo cannot be read, platform.processor() and ''.
+  """
+  if cpuinfo is None:
+    try:
+      with open('/proc/cpuinfo') as f:
+        cpuinfo = f.read()
+    except OSError:
+      return {'cpu_model': platform.processor() or 'unknown', 'cpu_simd': ''}
+  fields = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      if fields:
+        break  # The first processor's block is enough.
+      continue
+    key, _, value = line.partition(':')
+    fields.setdefault(key.strip(), value.strip())
+  model = fields.get('model name') or platform.processor() or 'unknown'
+  if 'vendor_id' in fields:
+    model += (f" ({fields['vendor_id']} family {fields.get('cpu family', '?')}"
+              f" model {fields.get('model', '?')})")
+  present = set(fields.get('flags', fields.get('Features', '')).split())
+  return {'cpu_model': model,
+          'cpu_simd': ' '.join(f for f in SIMD_FLAGS if f in present)}

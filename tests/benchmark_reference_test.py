@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from spade_jax import xla_cpu
+
 pytest.importorskip('torch')
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,7 @@ def test_record_has_the_timings_and_the_options():
       record['ms_per_step_max'])
   assert record['images_per_s'] > 0
   assert record['load_average_1min_before'] >= 0
+  assert record['cpu_model'] == xla_cpu.cpu_description()['cpu_model']
 
 
 def test_bad_step_counts_are_refused():

@@ -127,7 +127,8 @@ def tiny_model_config(**overrides):
 COMPUTE_FIELDS = ('mode', 'ms_per_step_median', 'ms_per_step_min',
                   'ms_per_step_max', 'images_per_s', 'compile_s',
                   'peak_memory_bytes', 'flops_per_step',
-                  'achieved_flops_per_s', 'backend', 'device_kind', 'steps')
+                  'achieved_flops_per_s', 'backend', 'device_kind', 'steps',
+                  'cpu_model', 'cpu_simd')
 
 
 def check_compute_record(record, mode):

@@ -82,3 +82,36 @@ def test_training_entry_point_applies_them_before_jax_starts(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert f'FLAGS {want} DEVICES 2' in out.stdout, out.stdout[-2000:]
   assert FLAG in want and SCHEDULER in want
+
+
+# The head of an x86 /proc/cpuinfo (two processors; the second must not
+# override the first) and of an aarch64 one.
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma avx2 bmi2
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: other
+flags\t\t: avx512f
+"""
+ARM_CPUINFO = """
+processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_description_names_the_first_processor_and_its_vector_units():
+  assert xla_cpu.cpu_description(X86_CPUINFO) == {
+      'cpu_model': 'AMD EPYC (AuthenticAMD family 25 model 1)',
+      'cpu_simd': 'avx avx2 fma'}
+  arm = xla_cpu.cpu_description(ARM_CPUINFO)
+  assert arm['cpu_simd'] == '' and arm['cpu_model']
+  here = xla_cpu.cpu_description()
+  assert set(here) == {'cpu_model', 'cpu_simd'} and here['cpu_model']
+  assert set(here['cpu_simd'].split()) <= set(xla_cpu.SIMD_FLAGS)
