@@ -809,6 +809,21 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path, straight_run,
     assert np.all(np.isfinite(leaf))
 
 
+def test_init_programs_get_their_compiler_options(monkeypatch):
+  """jit_init is the module's jitted init, compiled with
+  CPU_INIT_COMPILER_OPTIONS on the CPU: the same values, and an option XLA
+  does not know is refused (so the options do reach the compiler)."""
+  module = nn.Dense(16)
+  x = jnp.ones((2, 8))
+  key = jax.random.PRNGKey(3)
+  _assert_trees_equal(train_state.jit_init(module)(key, x),
+                      jax.jit(module.init)(key, x))
+  monkeypatch.setattr(train_state, 'CPU_INIT_COMPILER_OPTIONS',
+                      {'xla_no_such_option_here': 1})
+  with pytest.raises(Exception, match='xla_no_such_option_here'):
+    train_state.jit_init(module)(key, x)
+
+
 def test_init_from_a_model_folder(tmp_path, data_dir):
   from spade_jax import model_io  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir=data_dir, num_train_steps=0)
