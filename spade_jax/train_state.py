@@ -148,11 +148,20 @@ CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 def jit_init(module) -> Callable[..., Any]:
   """jax.jit(module.init), compiled at CPU_INIT_COMPILER_OPTIONS on the CPU.
 
-  Elsewhere with XLA's defaults.
+  Elsewhere, and when called inside another transformation (jit,
+  eval_shape: JAX takes compiler options only on the outermost jit), with
+  XLA's defaults.
   """
-  options = (CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu'
-             else None)
-  return jax.jit(module.init, compiler_options=options)
+  plain = jax.jit(module.init)
+  if jax.default_backend() != 'cpu':
+    return plain
+  optimised = jax.jit(module.init, compiler_options=CPU_INIT_COMPILER_OPTIONS)
+
+  def init(*args, **kwargs):
+    traced = any(isinstance(x, jax.core.Tracer)
+                 for x in jax.tree_util.tree_leaves((args, kwargs)))
+    return (plain if traced else optimised)(*args, **kwargs)
+  return init
 
 
 def create_train_state(config, rng, steps_per_epoch: int = 1, *,

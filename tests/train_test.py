@@ -818,6 +818,10 @@ def test_init_programs_get_their_compiler_options(monkeypatch):
   key = jax.random.PRNGKey(3)
   _assert_trees_equal(train_state.jit_init(module)(key, x),
                       jax.jit(module.init)(key, x))
+  # Inside another transformation: JAX's defaults (it refuses options on
+  # a nested jit).
+  shapes = jax.eval_shape(lambda k: train_state.jit_init(module)(k, x), key)
+  assert shapes['params']['kernel'].shape == (8, 16)
   monkeypatch.setattr(train_state, 'CPU_INIT_COMPILER_OPTIONS',
                       {'xla_no_such_option_here': 1})
   with pytest.raises(Exception, match='xla_no_such_option_here'):
