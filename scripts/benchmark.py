@@ -407,7 +407,8 @@ def prepare_generate(config: ml_collections.ConfigDict,
   h, w = models.output_size(config)
   init_shape = (1, h, w)
   start = time.perf_counter()
-  g_vars = train_state.jit_init(models.make_generator(config))(  # As training's.
+  init = train_state.jit_init(models.make_generator(config))  # As training's.
+  g_vars = init(
       {'params': jax.random.PRNGKey(config.seed),
        'z': jax.random.PRNGKey(1)},
       jnp.zeros(init_shape, jnp.int32), jnp.zeros(init_shape, jnp.float32))
