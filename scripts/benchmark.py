@@ -701,6 +701,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # The config's SPADE path with XLA's own kernel gradients (CPU: without
     # layers.conv2d_matmul_kernel_grad).
     'xla_kernel_grad': {'conv_impl': 'padding_only'},
+    # The compute dtype (parameters stay float32).
+    'float32': {'compute_dtype': 'float32'},
+    'bfloat16': {'compute_dtype': 'bfloat16'},
 }
 # Modes whose compiled step --variants can alternate.
 PREPARE = {'train': prepare_train, 'generate': prepare_generate}

@@ -245,6 +245,11 @@ def test_variants_alternate_in_one_process(tmp_path):
   with pytest.raises(ValueError, match='Unknown variant'):
     benchmark.run_variants('generate', tiny_model_config(), str(tmp_path),
                            ['sparse', 'fast'], steps=1, warmup=0)
+  config = tiny_model_config()
+  for name in ('float32', 'bfloat16'):
+    variant = benchmark.variant_config(config, name)
+    assert variant.compute_dtype == name
+  assert config.compute_dtype == 'float32'  # The base config is untouched.
   with pytest.raises(ValueError, match='--variants needs --mode'):
     benchmark.run_variants('input', tiny_model_config(), str(tmp_path),
                            ['dense'], steps=1, warmup=0)
